@@ -1,0 +1,113 @@
+"""The one Backend protocol every engine implements, and the registry that picks one.
+
+A backend is imported only when chosen: the registry holds module paths and what each
+backend supports, so `check_instance` can validate a config (and `xbench backends` can print
+the matrix) without importing torch.compile, ONNX Runtime or MLX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from xbench.errors import BackendUnavailable, ConfigError
+
+
+class Backend(Protocol):
+    """Runs one model on one device at one precision. One instance per model worker."""
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        """Logits of one padded batch as float32 [rows]."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What results and /info should record about this backend (versions, threads)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    target: str  # "module:Class"
+    precisions: tuple[str, ...]
+    devices: tuple[str, ...]
+    requires: tuple[str, ...] = ()  # importable modules the backend needs
+    extra: str | None = None  # pip extra that installs them
+    summary: str = ""
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def load_class(self) -> type:
+        if missing := self.missing():
+            hint = f"pip install 'xbench[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
+            raise BackendUnavailable(f"backend {self.name!r} needs {', '.join(missing)}: {hint}")
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+
+REGISTRY: dict[str, BackendSpec] = {}
+
+# `backend: cuda` / `backend: mps` in configs mean the pytorch backend on that device.
+DEVICE_ALIASES = {"cuda": ("pytorch", "cuda"), "mps": ("pytorch", "mps")}
+
+
+def register(spec: BackendSpec) -> None:
+    REGISTRY[spec.name] = spec
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            devices.append("mps")
+    except ImportError:
+        pass
+    return devices
+
+
+def normalize(backend: str, device: str) -> tuple[str, str]:
+    if backend in DEVICE_ALIASES:
+        alias_backend, alias_device = DEVICE_ALIASES[backend]
+        return alias_backend, alias_device if device == "cpu" else device
+    return backend, device
+
+
+def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
+    """Raise ConfigError naming the key and the accepted values for a bad combination."""
+    backend, device = normalize(inst.backend, inst.device)
+    spec = REGISTRY.get(backend)
+    if spec is None:
+        names = sorted(REGISTRY) + sorted(DEVICE_ALIASES)
+        raise ConfigError(f"{key}.backend={inst.backend!r} is not a backend; choose one of {', '.join(names)}")
+    if inst.quantization not in PRECISIONS:
+        raise ConfigError(f"{key}.quantization={inst.quantization!r} is not a precision; choose one of {', '.join(PRECISIONS)}")
+    if inst.quantization not in spec.precisions:
+        raise ConfigError(
+            f"{key}.quantization={inst.quantization!r} is not supported by backend {backend!r}; "
+            f"it supports {', '.join(spec.precisions)}"
+        )
+    if device not in spec.devices:
+        raise ConfigError(
+            f"{key}.device={device!r} is not a device of backend {backend!r}; it runs on {', '.join(spec.devices)}"
+        )
+    present = available_devices() if device in ("cuda", "mps") else ["cpu"]
+    if device not in present:
+        raise ConfigError(f"{key}.device={device!r} is not present on this machine; available: {', '.join(available_devices())}")
+
+
+def create_backend(inst: Any, model_dir: str, threads: int) -> Backend:
+    backend, device = normalize(inst.backend, inst.device)
+    cls = REGISTRY[backend].load_class()
+    return cls(model_dir=model_dir, device=device, precision=inst.quantization, threads=threads,
+               trust_remote_code=bool(getattr(inst, "trust_remote_code", False)))

@@ -1,0 +1,1 @@
+"""Measuring: one load generator (load.py), one statistics module (stats.py), runners."""

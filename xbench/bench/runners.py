@@ -1,0 +1,188 @@
+"""Runners: one target per command, driven by the one load generator over a grid of points.
+
+A target sets up once (loads the model, starts the pools) and then hands out a `send`
+coroutine per point. `run_bench` measures every (batch, concurrency) point of
+`experiment`, writes one result document per point and returns the documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from xbench.backends import normalize
+from xbench.bench.load import LoadSpec, Send, Sent, generate
+from xbench.config import to_dict
+from xbench.core.pipeline import Pipeline
+from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer
+from xbench.models import resolve_model
+from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, run_id, write_json
+from xbench.workload import Workload
+
+COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
+PRETOKENIZED_REQUESTS = 64  # distinct pre-tokenized requests infer-bench cycles over
+
+
+class TokenizeTarget:
+    """tokenize-bench: the TokenizerPool alone."""
+
+    def __init__(self, cfg: DictConfig):
+        inst = cfg.model_pool.instances[0]
+        self.model = resolve_model(inst.name, inst.trust_remote_code)
+        tp = cfg.tokenizer_pool
+        max_length = min(int(inst.max_length), self.model.max_position_embeddings)
+        self.pool = TokenizerPool(load_tokenizer(self.model.path, max_length), tp.workers, tp.parallelism, tp.mode)
+        self.pool.warmup()
+        self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism), "tokenizer_mode": tp.mode,
+                       "max_length": max_length}
+
+    def sender(self, workload: Workload, batch: int) -> Send:
+        async def send(i: int) -> Sent:
+            enc = await asyncio.wrap_future(self.pool.submit(workload.request(i, batch).pairs))
+            return Sent(pairs=len(enc.ids), stages_s={"tokenize": enc.tokenize_s}, tokens=enc.total_tokens)
+
+        return send
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class PipelineTarget:
+    """pipeline-bench: tokenizer pool -> batcher -> model pool, in process."""
+
+    pretokenized = False
+
+    def __init__(self, cfg: DictConfig):
+        self.pipeline = Pipeline(cfg).start()
+        self.model = self.pipeline.model
+        d = self.pipeline.describe()
+        self.params = {k: d[k] for k in ("backend", "device", "precision", "max_length", "model_workers",
+                                         "threads_per_worker", "tokenizer_workers", "tokenizer_mode", "parallelism")}
+        b = cfg.batching
+        self.params.update(batching=bool(b.enabled), max_batch_size=b.max_batch_size,
+                           max_batch_tokens=b.max_batch_tokens, timeout_ms=b.timeout_ms,
+                           length_bucketing=bool(b.length_bucketing))
+        self.engine = d["engine"]
+
+    def sender(self, workload: Workload, batch: int) -> Send:
+        if self.pretokenized:
+            encoded = [self.pipeline.tokenizers.encode(workload.request(i, batch).pairs)
+                       for i in range(PRETOKENIZED_REQUESTS)]
+
+            def submit(i: int) -> Any:
+                return self.pipeline.submit_encoded(encoded[i % len(encoded)])
+        else:
+            def submit(i: int) -> Any:
+                return self.pipeline.submit(workload.request(i, batch).pairs)
+
+        async def send(i: int) -> Sent:
+            res = await asyncio.wrap_future(submit(i))
+            stages = res.stages_s if not self.pretokenized else {"queue": res.stages_s["queue"], "infer": res.stages_s["infer"]}
+            return Sent(pairs=len(res.logits), stages_s=stages, tokens=res.total_tokens)
+
+        return send
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+class InferTarget(PipelineTarget):
+    """infer-bench: batcher + model pool on pre-tokenized requests (the model stage alone)."""
+
+    pretokenized = True
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        for k in ("tokenizer_workers", "tokenizer_mode", "parallelism"):
+            self.params.pop(k)
+
+
+TARGETS: dict[str, Callable[[DictConfig], Any]] = {
+    "tokenize-bench": TokenizeTarget,
+    "infer-bench": InferTarget,
+    "pipeline-bench": PipelineTarget,
+}
+
+
+def load_spec(cfg: DictConfig, concurrency: int) -> LoadSpec:
+    e = cfg.experiment
+    return LoadSpec(concurrency=concurrency, rate=e.rate, duration_s=e.duration_s, warmup_s=e.warmup_s,
+                    requests=e.requests, windows=e.windows, seed=e.seed)
+
+
+def grid(cfg: DictConfig) -> list[tuple[int, int]]:
+    """(batch, concurrency) points; open loop ignores concurrency."""
+    levels = [1] if cfg.experiment.rate else list(cfg.experiment.concurrency_levels)
+    return [(int(b), int(c)) for b in cfg.experiment.batch_sizes for c in levels]
+
+
+def result_document(command: str, cfg: DictConfig, target: Any, params: dict, stats: dict) -> dict:
+    model = target.model.info()
+    model.pop("path", None)
+    inst = cfg.model_pool.instances[0]
+    backend, device = normalize(inst.backend, inst.device)
+    params = {"backend": backend, "device": device, "precision": inst.quantization, **target.params, **params}
+    if command == "tokenize-bench":
+        for k in ("backend", "device", "precision"):
+            params.pop(k)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "experiment": cfg.name,
+        "config": to_dict(cfg),
+        "env": environment(),
+        "model": model,
+        "engine": getattr(target, "engine", None),
+        "params": params,
+        **stats,
+    }
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console) -> Iterator[Progress]:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                  transient=False) as progress:
+        yield progress
+
+
+def output_path(out: Path | None, command: str, params: dict, points: int, run: str) -> Path:
+    """-o FILE.json for a single point; otherwise a folder holding one file per point."""
+    if out is not None and out.suffix == ".json":
+        if points > 1:
+            return out.with_name(f"{out.stem}-{point_filename(params)}")
+        return out
+    folder = out if out is not None else RESULTS_DIR / command / run
+    return folder / point_filename(params)
+
+
+def run_bench(command: str, cfg: DictConfig, workload: Workload, out: Path | None = None,
+              console: Console | None = None) -> list[dict]:
+    console = console or Console(stderr=True)
+    points = grid(cfg)
+    run = run_id()
+    with console.status(f"[bold]{command}[/]: loading {cfg.model_pool.instances[0].name} ..."):
+        target = TARGETS[command](cfg)
+    docs = []
+    try:
+        with progress_bar(console) as progress:
+            for batch, concurrency in points:
+                load = f"rate {cfg.experiment.rate:g}/s" if cfg.experiment.rate else f"concurrency {concurrency}"
+                task = progress.add_task(f"{command} batch {batch} {load}", total=1.0)
+                stats = asyncio.run(generate(target.sender(workload, batch), load_spec(cfg, concurrency),
+                                             lambda f, t=task: progress.update(t, completed=f)))
+                params = {"batch": batch, "concurrency": None if cfg.experiment.rate else concurrency,
+                          "rate": cfg.experiment.rate, "workload": workload.source}
+                doc = result_document(command, cfg, target, params, stats)
+                path = write_json(output_path(out, command, doc["params"], len(points), run), doc)
+                doc["_path"] = str(path)
+                docs.append(doc)
+    finally:
+        target.close()
+    return docs

@@ -1,0 +1,135 @@
+"""The `xbench` command line. Thin: parse, compose the config, call one function, render."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from xbench.errors import XbenchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Measure and serve cross-encoder (reranker) models: pairs/s and latency percentiles per "
+    "backend, precision, batch size, tokenizer workers and model workers.",
+)
+# Wide enough for the results table when output goes to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+OVERRIDES_HELP = (
+    "Hydra overrides, e.g. model_pool.instances.0.quantization=bf16 tokenizer_pool.workers=2 "
+    "batching.max_batch_size=64 (see conf/)."
+)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an XbenchError into one red line and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except XbenchError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def shortcut_overrides(batch: Optional[int], concurrency: Optional[int], rate: Optional[float],
+                       duration: Optional[float], warmup: Optional[float], requests: Optional[int]) -> list[str]:
+    """The convenience options, as the config overrides they stand for."""
+    out = []
+    if batch is not None:
+        out.append(f"experiment.batch_sizes=[{batch}]")
+    if concurrency is not None:
+        out.append(f"experiment.concurrency_levels=[{concurrency}]")
+    if rate is not None:
+        out.append(f"experiment.rate={rate}")
+    if duration is not None:
+        out.append(f"experiment.duration_s={duration}")
+    if warmup is not None:
+        out.append(f"experiment.warmup_s={warmup}")
+    if requests is not None:
+        out.append(f"experiment.requests={requests}")
+    return out
+
+
+def _bench(command: str, overrides: Optional[List[str]], experiment: Optional[str], data: Optional[Path],
+           out: Optional[Path], shortcuts: list[str]) -> None:
+    from xbench.bench.runners import run_bench
+    from xbench.config import compose_config
+    from xbench.results.report import environment_line, render_table
+    from xbench.results.store import environment
+    from xbench.workload import make_workload
+
+    cfg = compose_config([*(overrides or []), *shortcuts], experiment=experiment)
+    workload = make_workload(data, cfg.experiment.num_pairs, cfg.experiment.seed)
+    docs = run_bench(command, cfg, workload, out=out, console=err_console)
+    console.print(render_table(docs, title=f"{command}: {cfg.name}"))
+    console.print(f"[dim]{environment_line(environment())}[/]")
+    if docs and docs[0]["model"].get("relevance_trained") is False:
+        console.print("[dim]Model: embedded default (seeded head, scores not relevance-trained; speed figures transfer).[/]")
+    for d in docs:
+        console.print(f"[dim]wrote {d['_path']}[/]")
+
+
+def bench_command(command: str, summary: str) -> None:
+    """Register one measuring command; all three share their options."""
+
+    @app.command(command, help=summary)
+    @user_errors
+    def _run(
+        overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+        experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Experiment in conf/experiment/ to start from."),
+        data: Optional[Path] = typer.Option(None, "--data", help="JSONL workload: {query, document} or {query, documents: [...]} per line. Default: seeded synthetic MS MARCO-shaped pairs."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Result JSON file (one point) or folder. Default: results/COMMAND/RUN-ID/."),
+        batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Pairs per request (one query with this many documents). Sets experiment.batch_sizes."),
+        concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="Closed-loop clients, each sending its next request when the last returns. Sets experiment.concurrency_levels."),
+        rate: Optional[float] = typer.Option(None, "--rate", help="Open loop: Poisson arrivals at this many requests/s; latency timed from each scheduled send."),
+        duration: Optional[float] = typer.Option(None, "--duration", "-d", help="Seconds measured per point (experiment.duration_s)."),
+        warmup: Optional[float] = typer.Option(None, "--warmup", help="Seconds of load before measuring (experiment.warmup_s)."),
+        requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Measure exactly this many requests instead of a duration."),
+    ) -> None:
+        _bench(command, overrides, experiment, data, out,
+               shortcut_overrides(batch, concurrency, rate, duration, warmup, requests))
+
+
+bench_command("tokenize-bench", "Measure the tokenizer pool alone (tokenizer_pool.workers, tokenizer_pool.parallelism).")
+bench_command("infer-bench", "Measure the model stage alone (batcher + model pool) on pre-tokenized requests.")
+bench_command("pipeline-bench", "Measure the whole in-process pipeline: tokenizer pool -> batcher -> model pool.")
+
+
+@app.command("config")
+@user_errors
+def show_config(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Experiment in conf/experiment/."),
+) -> None:
+    """Print the fully composed config (what a run would record), and exit."""
+    from omegaconf import OmegaConf
+
+    from xbench.config import compose_config
+
+    console.print(OmegaConf.to_yaml(compose_config(overrides, experiment=experiment)), highlight=False)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Typed configuration: Hydra structured configs composed from `conf/`.
+
+The dataclasses below are the schema. Hydra merges the YAML files of `conf/` and the
+command-line overrides onto them in struct mode, so an unknown key or a value of the wrong
+type fails at compose time naming the key. `validate()` then checks the values that a type
+cannot express (a backend name, a positive batch size) and names the accepted ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from xbench.errors import ConfigError
+
+DEFAULT_MODEL = "xbench/minilm-l6-seeded"
+
+
+@dataclass
+class ModelInstanceConfig:
+    name: str = DEFAULT_MODEL
+    backend: str = "pytorch"
+    device: str = "cpu"
+    quantization: str = "fp32"
+    max_length: int = 512
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ModelPoolConfig:
+    instances: List[ModelInstanceConfig] = field(default_factory=lambda: [ModelInstanceConfig()])
+    # Workers per instance; each owns its own copy of the backend.
+    workers: int = 1
+    # Intra-op threads per worker; null splits the cores evenly between the workers.
+    threads_per_worker: Optional[int] = None
+
+
+@dataclass
+class TokenizerPoolConfig:
+    workers: int = 1
+    # TOKENIZERS_PARALLELISM: lets one encode_batch call use several Rust threads.
+    parallelism: bool = True
+    # thread: workers share the process (the Rust tokenizer releases the GIL);
+    # process: each worker is a process with its own tokenizer.
+    mode: str = "thread"
+
+
+@dataclass
+class BatchingConfig:
+    enabled: bool = True
+    max_batch_size: int = 32
+    # Padded tokens (rows x longest row) one model batch may hold.
+    max_batch_tokens: int = 16384
+    # How long pending pairs may wait for a fuller batch while more are on their way.
+    timeout_ms: float = 5.0
+    # Sort pending pairs by length before cutting batches, so short pairs are not
+    # padded to the longest one.
+    length_bucketing: bool = True
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = None
+    max_client_batch_size: int = 1000
+    max_concurrent_requests: int = 512
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass
+class ExperimentConfig:
+    batch_sizes: List[int] = field(default_factory=lambda: [128])
+    concurrency_levels: List[int] = field(default_factory=lambda: [16])
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    # When set, measure this many requests instead of a fixed duration.
+    requests: Optional[int] = None
+    # Open loop: Poisson arrivals at this many requests/s instead of closed-loop clients.
+    rate: Optional[float] = None
+    windows: int = 5
+    seed: int = 0
+    num_pairs: int = 4096
+
+
+@dataclass
+class XbenchConfig:
+    name: str = "adhoc"
+    description: str = ""
+    model_pool: ModelPoolConfig = field(default_factory=ModelPoolConfig)
+    tokenizer_pool: TokenizerPoolConfig = field(default_factory=TokenizerPoolConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def _register() -> None:
+    # The whole schema sits under the YAML of conf/config.yaml, so every group file and
+    # every override is checked against these dataclasses.
+    ConfigStore.instance().store(name="xbench_schema", node=XbenchConfig)
+
+
+_register()
+
+
+def conf_dir() -> Path:
+    """The `conf/` folder: XBENCH_CONF_DIR, the copy inside an installed wheel, or the repo's."""
+    if env := os.environ.get("XBENCH_CONF_DIR"):
+        return Path(env).resolve()
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str] | None = None, experiment: str | None = None) -> DictConfig:
+    """Compose `conf/config.yaml` (+ an experiment) with command-line overrides."""
+    overrides = list(overrides or [])
+    if experiment:
+        overrides.insert(0, f"experiment={experiment}")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except Exception as exc:  # Hydra raises many types; all are the user's config errors here.
+        raise ConfigError(_one_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OmegaConfBaseException) or "full_key" in text:
+        text = text.split("\n")[0]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text = f"{text.splitlines()[0]}: {str(cause).strip().splitlines()[0]}"
+    return " ".join(text.split())
+
+
+TOKENIZER_MODES = ("thread", "process")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what types cannot: names against their registries, sizes against zero."""
+    from xbench.backends import check_instance  # the registry knows backends and devices
+
+    def positive(key: str, value: Any) -> None:
+        if value is None or value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive number")
+
+    pool = cfg.model_pool
+    if not pool.instances:
+        raise ConfigError("model_pool.instances is empty: give at least one model instance")
+    for i, inst in enumerate(pool.instances):
+        check_instance(inst, key=f"model_pool.instances.{i}")
+        positive(f"model_pool.instances.{i}.max_length", inst.max_length)
+    positive("model_pool.workers", pool.workers)
+    if pool.threads_per_worker is not None:
+        positive("model_pool.threads_per_worker", pool.threads_per_worker)
+    positive("tokenizer_pool.workers", cfg.tokenizer_pool.workers)
+    if cfg.tokenizer_pool.mode not in TOKENIZER_MODES:
+        raise ConfigError(
+            f"tokenizer_pool.mode={cfg.tokenizer_pool.mode!r} is not one of {', '.join(TOKENIZER_MODES)}"
+        )
+    positive("batching.max_batch_size", cfg.batching.max_batch_size)
+    positive("batching.max_batch_tokens", cfg.batching.max_batch_tokens)
+    if cfg.batching.timeout_ms < 0:
+        raise ConfigError(f"batching.timeout_ms={cfg.batching.timeout_ms} must be >= 0")
+    exp = cfg.experiment
+    if not exp.batch_sizes:
+        raise ConfigError("experiment.batch_sizes is empty")
+    if not exp.concurrency_levels:
+        raise ConfigError("experiment.concurrency_levels is empty")
+    for b in exp.batch_sizes:
+        positive("experiment.batch_sizes", b)
+    for c in exp.concurrency_levels:
+        positive("experiment.concurrency_levels", c)
+    positive("experiment.duration_s", exp.duration_s)
+    if exp.warmup_s < 0:
+        raise ConfigError(f"experiment.warmup_s={exp.warmup_s} must be >= 0")
+    if exp.requests is not None:
+        positive("experiment.requests", exp.requests)
+    if exp.rate is not None:
+        positive("experiment.rate", exp.rate)
+    positive("experiment.windows", exp.windows)
+    positive("experiment.num_pairs", exp.num_pairs)
+    positive("server.max_client_batch_size", cfg.server.max_client_batch_size)
+    positive("server.max_concurrent_requests", cfg.server.max_concurrent_requests)
+    positive("server.max_body_bytes", cfg.server.max_body_bytes)
+    if not 0 <= cfg.server.port <= 65535:
+        raise ConfigError(f"server.port={cfg.server.port} is not a TCP port (0-65535)")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

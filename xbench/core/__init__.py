@@ -1,0 +1,1 @@
+"""The pipeline core: TokenizerPool -> Batcher -> ModelPool, wired by Pipeline."""

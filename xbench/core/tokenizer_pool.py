@@ -1,0 +1,126 @@
+"""TokenizerPool: N workers turning (query, document) pairs into truncated token ids.
+
+Workers are threads by default: the Rust tokenizer releases the GIL inside encode_batch, so
+threads run in parallel without copying ids between processes. `mode: process` gives each
+worker its own process (one tokenizer each) for comparison. `parallelism` sets
+TOKENIZERS_PARALLELISM, which the Rust library reads on every encode_batch call: on, one call
+fans out over its rayon threads; off, it runs on the calling thread alone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+Pair = tuple[str, str]
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of pairs, unpadded, one int32 array per pair."""
+
+    ids: list[np.ndarray]
+    type_ids: list[np.ndarray]
+    tokenize_s: float = 0.0  # time spent inside the tokenizer
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(x) for x in self.ids)
+
+
+def load_tokenizer(model_dir: Path, max_length: int) -> str:
+    """The model's fast tokenizer, set to truncate pairs to max_length, as a JSON string
+    (a string travels to worker processes; each worker builds its own Tokenizer from it)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    else:  # older checkpoints ship only vocab.txt: let transformers convert it once
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True).backend_tokenizer
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length, strategy="longest_first")
+    return tok.to_str()
+
+
+def set_parallelism(on: bool) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if on else "false"
+
+
+def _encode(tok: Tokenizer, pairs: list[Pair]) -> Encoded:
+    t0 = time.perf_counter()
+    out = tok.encode_batch(pairs, add_special_tokens=True)
+    ids = [np.asarray(e.ids, dtype=np.int32) for e in out]
+    type_ids = [np.asarray(e.type_ids, dtype=np.int32) for e in out]
+    return Encoded(ids, type_ids, time.perf_counter() - t0)
+
+
+# Per-process state of `mode: process` workers.
+_process_tokenizer: Tokenizer | None = None
+
+
+def _process_init(tokenizer_json: str, parallelism: bool) -> None:
+    global _process_tokenizer
+    set_parallelism(parallelism)
+    _process_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _process_encode(pairs: list[Pair]) -> Encoded:
+    assert _process_tokenizer is not None
+    return _encode(_process_tokenizer, pairs)
+
+
+class TokenizerPool:
+    def __init__(self, tokenizer_json: str, workers: int = 1, parallelism: bool = True, mode: str = "thread"):
+        self.workers = workers
+        self.parallelism = parallelism
+        self.mode = mode
+        self._json = tokenizer_json
+        set_parallelism(parallelism)
+        self._local = threading.local()
+        self._executor: Executor
+        if mode == "process":
+            import multiprocessing as mp
+
+            # spawn: forking a process that already ran rayon threads can deadlock.
+            self._executor = ProcessPoolExecutor(
+                workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
+                initargs=(tokenizer_json, parallelism),
+            )
+        else:
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
+
+    def _thread_tokenizer(self) -> Tokenizer:
+        tok = getattr(self._local, "tok", None)
+        if tok is None:
+            tok = self._local.tok = Tokenizer.from_str(self._json)
+        return tok
+
+    def encode(self, pairs: list[Pair]) -> Encoded:
+        """Tokenize on the calling thread (tests, pre-tokenizing a workload)."""
+        return _encode(self._thread_tokenizer(), pairs)
+
+    def submit(self, pairs: list[Pair]) -> Future[Encoded]:
+        if self.mode == "process":
+            return self._executor.submit(_process_encode, pairs)
+        return self._executor.submit(self.encode, pairs)
+
+    def warmup(self) -> None:
+        """Start every worker (processes take a second) before anything is timed."""
+        futures = [self.submit([("warm up", "the tokenizer pool")]) for _ in range(self.workers * 2)]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

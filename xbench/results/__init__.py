@@ -1,0 +1,1 @@
+"""Result files (store.py), tables (report.py) and charts (plot.py)."""

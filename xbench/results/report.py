@@ -1,0 +1,78 @@
+"""Tables in the reference study's columns, as rich (terminal) and markdown (reports)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rich.table import Table
+
+KIND = {
+    "tokenize-bench": "Tokenizer only",
+    "infer-bench": "Inference only",
+    "pipeline-bench": "Full pipeline",
+    "load": "HTTP endpoint",
+}
+
+COLUMNS = ["Configuration", "Tokenizer workers", "Model workers", "Parallelism",
+           "RPS", "Pairs/s", "Mean", "P50", "P95", "P99", "Errors", "Stable"]
+NUMERIC_FROM = COLUMNS.index("RPS")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else (f"{x:,.0f}ms" if x >= 100 else f"{x:.1f}ms")
+
+
+def _rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def configuration(doc: dict[str, Any]) -> str:
+    p = doc.get("params", {})
+    parts = [KIND.get(doc.get("command", ""), doc.get("command", "?"))]
+    if doc.get("command") != "tokenize-bench" and p.get("backend"):
+        parts.append(f"{p['backend']} {p.get('precision', '')}".strip())
+    load = f"rate {p['rate']:g}/s" if p.get("rate") else f"c{p.get('concurrency')}"
+    parts.append(f"b{p.get('batch')} {load}")
+    return " · ".join(parts)
+
+
+def row(doc: dict[str, Any]) -> list[str]:
+    p, s, lat = doc.get("params", {}), doc.get("summary", {}), doc.get("latency_ms", {})
+    if doc.get("error"):
+        return [configuration(doc), "", "", "", "failed", "", "", "", "", "", doc["error"][:40], ""]
+    par = p.get("parallelism")
+    return [
+        configuration(doc),
+        str(p.get("tokenizer_workers", "-")) if doc.get("command") != "infer-bench" else "-",
+        str(p.get("model_workers", "-")) if doc.get("command") != "tokenize-bench" else "-",
+        "-" if par is None or doc.get("command") == "infer-bench" else ("on" if par else "off"),
+        _rate(s.get("requests_per_s")),
+        _rate(s.get("pairs_per_s")),
+        _ms(lat.get("mean")), _ms(lat.get("p50")), _ms(lat.get("p95")), _ms(lat.get("p99")),
+        str(s.get("errors", 0)),
+        "yes" if doc.get("stability", {}).get("stable") else "NO",
+    ]
+
+
+def render_table(docs: Sequence[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title, header_style="bold", title_justify="left")
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="right" if i >= NUMERIC_FROM or "workers" in col else "left")
+    for doc in docs:
+        table.add_row(*row(doc))
+    return table
+
+
+def markdown_table(docs: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(d)) + " |" for d in docs]
+    return "\n".join(lines) + "\n"
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    gpu = env.get("gpu") or "no GPU"
+    return (f"{env.get('cpu')} ({env.get('cores')} cores), {gpu}; Python {env.get('python')}, "
+            f"torch {env.get('torch')}, transformers {env.get('transformers')}, xbench {env.get('xbench')}"
+            + (f", commit {env['git_commit'][:10]}" if env.get("git_commit") else ""))

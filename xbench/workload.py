@@ -1,0 +1,165 @@
+"""Workloads: deterministic MS MARCO-shaped synthetic pairs, or pairs read from JSONL.
+
+A request is one query with `batch` documents. The synthetic generator draws queries of
+4-10 words and passages of N(56, 20) words clipped to [10, 200] from a fixed English word
+list with numpy's PCG64 stream, so the same seed gives the same pairs on every machine
+(about 66 word pieces per pair with the bert-base-uncased tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xbench.errors import DataError
+
+_WORDS = """
+the of and to in is for that on with as was by at from are this be or an it which have his
+not has but were had they their its one all can more also been new other first may would
+who when some time there what use into over most year than only about these people after
+between two during many three used where such through world made state known water found
+city called part under system high number while both then life each including school
+however since well before group because family well name like best house small same area
+large later back because public work day century best made human energy health body food
+river history power water blood heart brain cancer cells disease pain treatment symptoms
+doctor hospital medical drug virus infection skin bone muscle weight diet sugar protein
+vitamin calcium iron salt coffee tea milk bread rice fruit apple banana orange chicken
+fish meat egg cheese cost price money bank loan tax credit card account pay salary job
+company business market stock service product customer sale store online phone email
+internet computer software data network page site web search google windows apple file
+code program user account password car engine fuel oil gas road drive mile speed distance
+weather temperature rain snow wind summer winter spring season month week hour minute
+average range rate percent degree size inch foot meter pound ounce gallon long short
+definition meaning example type kind form word term language english spanish french name
+country america united states china india japan europe africa canada mexico texas florida
+california york london paris island ocean mountain lake forest animal dog cat bird horse
+plant tree flower seed leaf soil light sun moon star earth planet space science physics
+chemistry biology theory law court government president war army police fire art music
+song film movie book story game sport team player ball football baseball basketball
+""".split()
+
+QUERY_WORDS = (4, 10)
+PASSAGE_MEAN, PASSAGE_STD, PASSAGE_MIN, PASSAGE_MAX = 56, 20, 10, 200
+
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One rerank request: a query and its documents (as pairs, for the pipeline)."""
+
+    query: str
+    documents: tuple[str, ...]
+
+    @property
+    def pairs(self) -> list[Pair]:
+        return [(self.query, d) for d in self.documents]
+
+
+class Workload:
+    """A source of requests of `batch` documents, cycling over a fixed set of pairs."""
+
+    def __init__(self, queries: list[str], documents: list[list[str]], source: str):
+        if not queries:
+            raise DataError(f"workload {source} holds no requests")
+        self.queries = queries
+        self.documents = documents  # documents[i] belongs to queries[i]
+        self.source = source
+        self._flat = [d for docs in documents for d in docs]
+
+    def request(self, i: int, batch: int) -> Request:
+        """Request i: query i (cyclic) with `batch` documents taken cyclically from its own list,
+        topped up from the whole pool so any batch size works with any file."""
+        q = i % len(self.queries)
+        own = self.documents[q]
+        if len(own) >= batch:
+            docs = own[:batch]
+        else:
+            start = (i * batch + len(own)) % len(self._flat)
+            extra = [self._flat[(start + k) % len(self._flat)] for k in range(batch - len(own))]
+            docs = own + extra
+        return Request(self.queries[q], tuple(docs))
+
+    def pairs(self, n: int) -> list[Pair]:
+        """The first n (query, document) pairs of the workload, cycling if needed."""
+        every = [(q, d) for q, docs in zip(self.queries, self.documents) for d in docs]
+        return [every[k % len(every)] for k in range(n)]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "queries": len(self.queries), "documents": len(self._flat)}
+
+
+def synthetic(num_pairs: int = 4096, seed: int = 0, docs_per_query: int = 1) -> Workload:
+    """Seeded MS MARCO-shaped pairs: `num_pairs` passages, one query per `docs_per_query`."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    words = np.array(_WORDS)
+    # Zipf-like word frequencies, as in natural text.
+    weights = 1.0 / np.arange(1, len(words) + 1) ** 0.8
+    weights /= weights.sum()
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words, size=n, p=weights))
+
+    queries, documents = [], []
+    for _ in range(max(1, num_pairs // docs_per_query)):
+        queries.append(text(int(rng.integers(QUERY_WORDS[0], QUERY_WORDS[1] + 1))))
+        docs = []
+        for _ in range(docs_per_query):
+            n = int(np.clip(round(rng.normal(PASSAGE_MEAN, PASSAGE_STD)), PASSAGE_MIN, PASSAGE_MAX))
+            docs.append(text(n))
+        documents.append(docs)
+    return Workload(queries, documents, source=f"synthetic(seed={seed}, pairs={num_pairs})")
+
+
+def load_jsonl(path: str | Path) -> Workload:
+    """Read `{"query", "document"}` or `{"query", "documents": [...]}` lines.
+
+    Consecutive pair lines with the same query are one request's documents.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--data {path}: no such file")
+    queries: list[str] = []
+    documents: list[list[str]] = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            query, docs, is_pair = _parse_line(line, f"{path}:{lineno}")
+            if is_pair and queries and queries[-1] == query:
+                documents[-1].extend(docs)
+            else:
+                queries.append(query)
+                documents.append(docs)
+    return Workload(queries, documents, source=str(p))
+
+
+def _parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
+        raise DataError(f'{where}: expected an object with a string "query"')
+    if "documents" in obj:
+        docs = obj["documents"]
+        if not isinstance(docs, list) or not docs:
+            raise DataError(f'{where}: "documents" must be a non-empty list')
+        out = []
+        for k, d in enumerate(docs):
+            if isinstance(d, dict) and isinstance(d.get("text"), str):
+                d = d["text"]
+            if not isinstance(d, str):
+                raise DataError(f'{where}: documents[{k}] must be a string or {{"text": string}}')
+            out.append(d)
+        return obj["query"], out, False
+    if isinstance(obj.get("document"), str):
+        return obj["query"], [obj["document"]], True
+    raise DataError(f'{where}: expected "document" (string) or "documents" (list)')
+
+
+def make_workload(data: str | Path | None, num_pairs: int, seed: int) -> Workload:
+    return load_jsonl(data) if data else synthetic(num_pairs=num_pairs, seed=seed)

@@ -1,0 +1,96 @@
+"""The CLI as users and scripts run it: real subprocesses for the benches, exit codes for errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from xbench.cli import app
+
+SCHEMA_KEYS = {"schema_version", "command", "experiment", "config", "env", "model", "params",
+               "summary", "latency_ms", "stages_ms", "stability"}
+
+
+def xbench(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "xbench", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command,stages", [
+    ("tokenize-bench", {"tokenize"}),
+    ("infer-bench", {"queue", "infer"}),
+    ("pipeline-bench", {"queue", "tokenize", "infer"}),
+])
+def test_bench_command_writes_a_result_document(tmp_path, tiny_overrides, command, stages):
+    out = tmp_path / "point.json"
+    proc = xbench(command, "-b", "8", "-c", "2", "-d", "1.5", "--warmup", "0.3", "-o", str(out),
+                  *tiny_overrides, "tokenizer_pool.workers=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert SCHEMA_KEYS <= set(doc)
+    assert doc["command"] == command
+    assert doc["params"]["batch"] == 8 and doc["params"]["concurrency"] == 2
+    assert doc["summary"]["requests"] > 0 and doc["summary"]["errors"] == 0
+    assert doc["summary"]["pairs"] == 8 * doc["summary"]["requests"]
+    assert set(doc["stages_ms"]) == stages
+    lat = doc["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert doc["env"]["cores"] >= 1 and doc["env"]["torch"]
+    assert doc["config"]["tokenizer_pool"]["workers"] == 2
+    assert doc["model"]["relevance_trained"] is False
+    assert "Pairs/s" in proc.stdout and "P99" in proc.stdout
+
+
+def test_a_grid_writes_one_file_per_point(tmp_path, tiny_overrides):
+    proc = xbench("pipeline-bench", "-o", str(tmp_path / "out"), "experiment.batch_sizes=[4,8]",
+                  "experiment.concurrency_levels=[1]", "experiment.duration_s=0.5", "experiment.warmup_s=0",
+                  *tiny_overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted((tmp_path / "out").glob("*.json"))
+    assert [json.loads(f.read_text())["params"]["batch"] for f in files] == [4, 8]
+
+
+def test_requests_mode_and_open_loop(tmp_path, tiny_overrides):
+    out = tmp_path / "n.json"
+    assert xbench("pipeline-bench", "-b", "4", "-c", "2", "-n", "10", "--warmup", "0", "-o", str(out),
+                  *tiny_overrides, cwd=tmp_path).returncode == 0
+    assert json.loads(out.read_text())["summary"]["requests"] == 10
+    out = tmp_path / "open.json"
+    proc = xbench("pipeline-bench", "-b", "4", "--rate", "20", "-d", "1.5", "--warmup", "0.2", "-o", str(out),
+                  *tiny_overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["load"]["mode"] == "open" and doc["load"]["target_rate"] == 20
+    assert 8 < doc["load"]["achieved_send_rate"] < 35
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["model_pool.instances.0.backend=nope"], "backend='nope'"),
+    (["model_pool.instances.0.device=mps"], "device='mps' is not present"),
+    (["--batch", "0"], "experiment.batch_sizes=0"),
+    (["model_pool.workers=0"], "model_pool.workers=0"),
+    (["--data", "/nonexistent.jsonl"], "no such file"),
+    (["batching.nonsense=1"], "nonsense"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_result_file(tmp_path, tiny_overrides, args, fragment):
+    out = tmp_path / "never.json"
+    result = CliRunner().invoke(app, ["pipeline-bench", "-o", str(out), *tiny_overrides, *args])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_malformed_jsonl_line_is_exit_2(tmp_path, tiny_overrides):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"query": "q", "document": "d"}\n{"query": 3}\n')
+    result = CliRunner().invoke(app, ["tokenize-bench", "--data", str(data), *tiny_overrides])
+    assert result.exit_code == 2 and "bad.jsonl:2" in result.output
+
+
+def test_every_bench_option_has_help():
+    for command in ("tokenize-bench", "infer-bench", "pipeline-bench"):
+        text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        for option in ("--data", "--out", "--batch", "--concurrency", "--rate", "--duration", "--warmup", "--requests"):
+            assert option in text

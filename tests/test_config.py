@@ -1,0 +1,42 @@
+import pytest
+
+from xbench.config import compose_config
+from xbench.errors import ConfigError
+
+
+def test_defaults_compose_with_the_embedded_model():
+    cfg = compose_config([])
+    assert cfg.model_pool.instances[0].name == "xbench/minilm-l6-seeded"
+    assert cfg.experiment.batch_sizes == [128]
+
+
+def test_overrides_take_effect():
+    cfg = compose_config(["model_pool.instances.0.quantization=bf16", "tokenizer_pool.workers=2"])
+    assert cfg.model_pool.instances[0].quantization == "bf16"
+    assert cfg.tokenizer_pool.workers == 2
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("batching.max_batch_sise=3", "max_batch_sise"),
+    ("tokenizer_pool.workers=many", "tokenizer_pool.workers"),
+    ("model_pool.instances.0.backend=tensorflow", "pytorch"),
+    ("model_pool.instances.0.quantization=fp8", "fp32, fp16, bf16, int8, int4"),
+    ("model_pool.instances.0.device=mps", "available: cpu"),
+    ("model_pool.instances.0.device=tpu", "runs on cpu, cuda, mps"),
+    ("experiment.batch_sizes=[0]", "experiment.batch_sizes=0"),
+    ("model_pool.workers=-1", "model_pool.workers=-1"),
+    ("tokenizer_pool.mode=fiber", "thread, process"),
+])
+def test_bad_values_name_the_key_and_the_accepted_values(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        compose_config([override])
+
+
+def test_unknown_experiment_is_a_config_error():
+    with pytest.raises(ConfigError, match="no_such_experiment"):
+        compose_config([], experiment="no_such_experiment")
+
+
+def test_backend_alias_mps_means_pytorch_on_mps():
+    with pytest.raises(ConfigError, match="device='mps' is not present"):
+        compose_config(["model_pool.instances.0.backend=mps"])

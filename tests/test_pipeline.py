@@ -1,0 +1,94 @@
+"""Tokenizer pool parity, pipeline score parity against a direct model call, default model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xbench.backends.torch_backend import load_torch_model
+from xbench.config import compose_config
+from xbench.core.pipeline import Pipeline
+from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
+from xbench.errors import ModelError
+from xbench.models import materialize_default, resolve_model
+from xbench.workload import synthetic
+
+
+def reference_logits(model_dir, pairs, max_length=512):
+    """The direct call: HF tokenizer + HF model, one pair at a time, no padding at all."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = load_torch_model(str(model_dir))
+    out = []
+    with torch.inference_mode():
+        for q, d in pairs:
+            enc = tok(q, d, truncation=True, max_length=max_length, return_tensors="pt")
+            out.append(model(**enc).logits[0, 0].item())
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_tokenizer_pool_matches_a_single_tokenizer(tiny_model, mode):
+    from transformers import AutoTokenizer
+
+    pairs = synthetic(64, seed=1).pairs(64)
+    pool = TokenizerPool(load_tokenizer(tiny_model, 48), workers=2, mode=mode, parallelism=False)
+    try:
+        got = [pool.submit(pairs[i:i + 16]).result() for i in range(0, 64, 16)]
+    finally:
+        pool.close()
+    hf = AutoTokenizer.from_pretrained(str(tiny_model))
+    want = hf([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=48)
+    ids = [x.tolist() for enc in got for x in enc.ids]
+    assert ids == want["input_ids"]
+    assert max(len(x) for x in ids) == 48  # truncation to max_length happened
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["batching.max_batch_size=5", "batching.max_batch_tokens=400"],
+    ["batching.length_bucketing=false", "model_pool.workers=2", "tokenizer_pool.workers=2"],
+    ["batching.enabled=false"],
+])
+def test_pipeline_scores_match_direct_model_call_in_order(tiny_model, tiny_overrides, overrides):
+    cfg = compose_config(tiny_overrides + overrides)
+    w = synthetic(256, seed=2)
+    requests = [w.request(i, 7 + i) for i in range(6)]  # uneven sizes, mixed in batches
+    with Pipeline(cfg) as pipe:
+        futures = [pipe.submit(r.pairs) for r in requests]
+        results = [f.result(timeout=60) for f in futures]
+    for r, res in zip(requests, results):
+        np.testing.assert_allclose(res.logits, reference_logits(tiny_model, r.pairs), atol=1e-5)
+        assert set(res.stages_s) == {"queue", "tokenize", "infer"}
+        assert res.total_tokens > len(r.pairs)
+
+
+def test_empty_request_resolves_at_once(tiny_overrides):
+    with Pipeline(compose_config(tiny_overrides)) as pipe:
+        assert len(pipe.submit([]).result(timeout=5).logits) == 0
+
+
+def test_default_model_is_the_bundled_encoder_with_a_reproducible_head(tmp_path, monkeypatch):
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "a"))
+    a = materialize_default()
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "b"))
+    b = materialize_default()
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    m = resolve_model("xbench/minilm-l6-seeded")
+    assert m.relevance_trained is False and m.num_layers == 6 and m.hidden_size == 384
+    assert "not relevance-trained" in m.note
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_unreachable_hub_id_names_the_offline_default():
+    with pytest.raises(ModelError, match="xbench/minilm-l6-seeded") as err:
+        resolve_model("cross-encoder/ms-marco-MiniLM-L-6-v2-does-not-exist")
+    assert "local directory" in str(err.value)
+
+
+def test_local_dir_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model(str(tmp_path))

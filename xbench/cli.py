@@ -122,6 +122,63 @@ def show_config(
     console.print(OmegaConf.to_yaml(compose_config(overrides, experiment=experiment)), highlight=False)
 
 
+@app.command("backends")
+def backends_matrix() -> None:
+    """Print which backend x precision x device combinations this machine can run."""
+    from rich.table import Table
+
+    from xbench.backends import PRECISIONS, REGISTRY, available_devices
+
+    present = set(available_devices())
+    try:  # MLX names Apple's GPU "gpu"; we call it mps, as torch does
+        import mlx.core as mx
+
+        mlx_gpu = bool(mx.metal.is_available())
+    except Exception:
+        mlx_gpu = False
+    table = Table(title="Backends on this machine", header_style="bold")
+    table.add_column("backend")
+    table.add_column("device")
+    for p in PRECISIONS:
+        table.add_column(p, justify="center")
+    table.add_column("notes")
+    for spec in REGISTRY.values():
+        missing = spec.missing()
+        for device in spec.devices:
+            here = device in present or (spec.name == "mlx" and device == "mps" and mlx_gpu)
+            cells = []
+            for p in PRECISIONS:
+                if not spec.supports(p, device):
+                    cells.append("[dim]-[/]")
+                elif missing:
+                    cells.append("[yellow]extra[/]")
+                elif not here:
+                    cells.append("[dim]no device[/]")
+                else:
+                    cells.append("[green]yes[/]")
+            note = f"pip install 'xbench[{spec.extra}]'" if missing and spec.extra else spec.summary
+            table.add_row(spec.name, device, *cells, note)
+    console.print(table)
+    console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · -: not supported[/]")
+
+
+@app.command("score")
+@user_errors
+def score(
+    data: Path = typer.Option(..., "--data", help="JSONL of {query, document} or {query, documents: [...]} lines."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL written line for line: {score} or {scores: [...]}."),
+    raw_scores: bool = typer.Option(False, "--raw-scores", help="Write raw logits instead of sigmoid scores."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+) -> None:
+    """Score every pair of a JSONL file with the configured backend and precision."""
+    from xbench.bench.score import score_file
+    from xbench.config import compose_config
+
+    cfg = compose_config(overrides)
+    lines, pairs, seconds = score_file(cfg, data, out, raw_scores=raw_scores, console=err_console)
+    console.print(f"scored {pairs} pairs on {lines} lines in {seconds:.1f}s ({pairs / max(seconds, 1e-9):.1f} pairs/s) -> {out}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

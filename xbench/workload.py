@@ -128,7 +128,7 @@ def load_jsonl(path: str | Path) -> Workload:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            query, docs, is_pair = _parse_line(line, f"{path}:{lineno}")
+            query, docs, is_pair = parse_line(line, f"{path}:{lineno}")
             if is_pair and queries and queries[-1] == query:
                 documents[-1].extend(docs)
             else:
@@ -137,7 +137,7 @@ def load_jsonl(path: str | Path) -> Workload:
     return Workload(queries, documents, source=str(p))
 
 
-def _parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
+def parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:

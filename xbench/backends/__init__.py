@@ -15,10 +15,39 @@ from xbench.backends.base import (
 register(BackendSpec(
     name="pytorch",
     target="xbench.backends.torch_backend:TorchBackend",
-    precisions=("fp32", "fp16", "bf16"),
+    precisions=("fp32", "fp16", "bf16", "int8"),
     devices=("cpu", "cuda", "mps"),
     requires=("torch", "transformers"),
-    summary="PyTorch eager (SDPA attention)",
+    summary="PyTorch eager, SDPA attention; int8 = dynamic, per-channel weights (CPU)",
+    limits=(("int8", ("cpu",)),),
+))
+register(BackendSpec(
+    name="compiled",
+    target="xbench.backends.torch_backend:CompiledBackend",
+    precisions=("fp32", "bf16", "fp16"),
+    devices=("cpu", "cuda"),
+    requires=("torch", "transformers"),
+    summary="torch.compile (inductor), dynamic shapes, lengths padded to multiples of 16",
+    limits=(("fp16", ("cuda",)),),
+))
+register(BackendSpec(
+    name="onnx",
+    target="xbench.backends.onnx_backend:OnnxBackend",
+    precisions=("fp32", "fp16", "int8", "int4"),
+    devices=("cpu", "cuda"),
+    requires=("onnxruntime", "onnx"),
+    extra="onnx",
+    summary="ONNX Runtime; cached export; int8 dynamic per-channel (CPU), int4 MatMulNBits; fp16 on CUDA",
+    limits=(("fp16", ("cuda",)), ("int8", ("cpu",))),
+))
+register(BackendSpec(
+    name="mlx",
+    target="xbench.backends.mlx_backend:MlxBackend",
+    precisions=("fp32", "fp16", "bf16", "int8", "int4"),
+    devices=("cpu", "mps"),  # mps: Apple's GPU, as torch names it
+    requires=("mlx",),
+    extra="mlx",
+    summary="BERT in MLX from safetensors; Apple GPU, or mlx\\[cpu] on Linux",
 ))
 
 __all__ = [

@@ -38,6 +38,12 @@ class BackendSpec:
     requires: tuple[str, ...] = ()  # importable modules the backend needs
     extra: str | None = None  # pip extra that installs them
     summary: str = ""
+    # precision -> the only devices it runs on (e.g. fp16 ONNX needs the CUDA provider)
+    limits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def supports(self, precision: str, device: str) -> bool:
+        allowed = dict(self.limits).get(precision)
+        return precision in self.precisions and device in self.devices and (allowed is None or device in allowed)
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -100,6 +106,12 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
     if device not in spec.devices:
         raise ConfigError(
             f"{key}.device={device!r} is not a device of backend {backend!r}; it runs on {', '.join(spec.devices)}"
+        )
+    allowed = dict(spec.limits).get(inst.quantization)
+    if allowed is not None and device not in allowed:
+        raise ConfigError(
+            f"{key}: backend {backend!r} runs {inst.quantization} only on {', '.join(allowed)}, not on {device!r}; "
+            f"on {device} it supports {', '.join(p for p in spec.precisions if spec.supports(p, device))}"
         )
     present = available_devices() if device in ("cuda", "mps") else ["cpu"]
     if device not in present:

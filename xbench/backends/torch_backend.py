@@ -1,13 +1,17 @@
-"""PyTorch eager backend: transformers' BertForSequenceClassification with SDPA attention."""
+"""PyTorch backends: eager (transformers' BERT with SDPA attention) and torch.compile."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Layers kept in fp32 under int8: the 1-logit head and the pooler feed the score directly,
+# and their rounding error is not averaged away by any later layer.
+INT8_KEEP_FP32 = ("pooler", "classifier")
 
 
 def load_torch_model(model_dir: str, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -16,7 +20,6 @@ def load_torch_model(model_dir: str, trust_remote_code: bool = False) -> torch.n
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation="sdpa", dtype=torch.float32,
@@ -24,7 +27,21 @@ def load_torch_model(model_dir: str, trust_remote_code: bool = False) -> torch.n
     return model.eval()
 
 
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8: per-channel weights, activations quantized per batch at run time."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = {
+        name: per_channel_dynamic_qconfig
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and not any(k in name for k in INT8_KEEP_FP32)
+    }
+    return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
 class TorchBackend:
+    engine = "torch-eager"
+
     def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False):
         # Called on the worker's own thread: set_num_threads sets that thread's intra-op pool.
         torch.set_num_threads(threads)
@@ -32,18 +49,64 @@ class TorchBackend:
         self.precision = precision
         self.threads = threads
         model = load_torch_model(model_dir, trust_remote_code)
-        self.model = model.to(device=self.device, dtype=DTYPES[precision])
+        if precision == "int8":
+            self.model = quantize_int8(model)
+        else:
+            self.model = model.to(device=self.device, dtype=DTYPES[precision])
+
+    def _inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
+        dev = self.device
+        return {
+            "input_ids": torch.from_numpy(input_ids).to(dev, non_blocking=True),
+            "attention_mask": torch.from_numpy(attention_mask).to(dev, non_blocking=True),
+            "token_type_ids": torch.from_numpy(token_type_ids).to(dev, non_blocking=True),
+        }
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
-        dev = self.device
-        out = self.model(
-            input_ids=torch.from_numpy(input_ids).to(dev),
-            attention_mask=torch.from_numpy(attention_mask).to(dev),
-            token_type_ids=torch.from_numpy(token_type_ids).to(dev),
-        )
+        out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
         return out.logits[:, 0].float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "torch-eager", "torch": torch.__version__, "threads": self.threads,
+        return {"engine": self.engine, "torch": torch.__version__, "threads": self.threads,
                 "device": str(self.device), "precision": self.precision}
+
+
+class CompiledBackend(TorchBackend):
+    """torch.compile (inductor). Sequence lengths are padded up to a multiple of
+    SEQ_BUCKET so the set of shapes stays small, and compiled with dynamic shapes, so a new
+    length does not trigger a recompile storm. Compile time is reported on its own."""
+
+    engine = "torch-compile"
+    SEQ_BUCKET = 16
+
+    def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False):
+        super().__init__(model_dir, device, precision, threads, trust_remote_code)
+        self.model = torch.compile(self.model, dynamic=True, mode="max-autotune-no-cudagraphs"
+                                   if device == "cuda" else None)
+        self.compile_s = 0.0
+        self._compiled_shapes: set[tuple[int, int]] = set()
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        rows, seq = input_ids.shape
+        padded = -(-seq // self.SEQ_BUCKET) * self.SEQ_BUCKET
+        if padded != seq:  # extra positions are masked out: scores do not change
+            pad = ((0, 0), (0, padded - seq))
+            input_ids, attention_mask, token_type_ids = (np.pad(a, pad) for a in (input_ids, attention_mask, token_type_ids))
+        first = not self._compiled_shapes
+        start = time.perf_counter()
+        out = super().forward(input_ids, attention_mask, token_type_ids)
+        if first:
+            self.compile_s += time.perf_counter() - start
+        self._compiled_shapes.add((rows, padded))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        recompiles = None
+        try:
+            from torch._dynamo.utils import counters
+
+            recompiles = int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
+        except Exception:
+            pass
+        return {**super().describe(), "compile_s": round(self.compile_s, 2), "graphs_compiled": recompiles}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU check (NVIDIA): fidelity of the CUDA paths, then pipeline-bench at batch 128,
+# concurrency 16 for each CUDA path. Runs in under five minutes on an H100.
+#   scripts/gpu_check.sh [extra overrides]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${GPU_RESULTS:-results/gpu}
+mkdir -p "$OUT"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+"$PY" scripts/gpu_check.py
+for path in pytorch:fp32 pytorch:fp16 pytorch:bf16 compiled:fp16; do
+  backend=${path%%:*}; precision=${path##*:}
+  "$PY" -m xbench pipeline-bench -b 128 -c 16 -d 15 --warmup 5 -o "$OUT/pipeline-$backend-$precision.json" \
+    model_pool.instances.0.backend="$backend" model_pool.instances.0.device=cuda \
+    model_pool.instances.0.quantization="$precision" batching.max_batch_size=256 batching.max_batch_tokens=65536 \
+    tokenizer_pool.workers=4 "$@"
+done

@@ -108,6 +108,71 @@ bench_command("infer-bench", "Measure the model stage alone (batcher + model poo
 bench_command("pipeline-bench", "Measure the whole in-process pipeline: tokenizer pool -> batcher -> model pool.")
 
 
+@app.command("serve")
+@user_errors
+def serve_command(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (server.host; default 127.0.0.1, loopback only)."),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="TCP port (server.port; default 8080)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Experiment in conf/experiment/ to start from."),
+) -> None:
+    """Serve the configured model(s) over the Cohere v1/v2 and TEI rerank APIs, with /health, /info, /metrics."""
+    from xbench.config import compose_config
+    from xbench.serve.app import serve
+
+    extra = ([f"server.host={host}"] if host else []) + ([f"server.port={port}"] if port is not None else [])
+    cfg = compose_config([*(overrides or []), *extra], experiment=experiment)
+    names = ", ".join(i.name for i in cfg.model_pool.instances)
+    err_console.print(f"xbench serve: http://{cfg.server.host}:{cfg.server.port} (loading {names}; /health is 503 until ready)")
+    serve(cfg)
+
+
+@app.command("load")
+@user_errors
+def load_command(
+    url: str = typer.Argument(..., help="Base URL of a rerank server (the API's path is added) or a full endpoint URL."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides (experiment.*).", show_default=False),
+    api: str = typer.Option("cohere", "--api", help="Request shape: cohere (/v1/rerank), cohere-v2 (/v2/rerank) or tei (/rerank)."),
+    model: Optional[str] = typer.Option(None, "--model", help="`model` field sent with Cohere-shaped requests."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="XBENCH_API_KEY", help="Bearer token."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL workload (default: seeded synthetic pairs)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Result JSON file (one point) or folder."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Documents per request."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="Closed-loop clients."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Open loop: Poisson arrivals at this many requests/s."),
+    duration: Optional[float] = typer.Option(None, "--duration", "-d", help="Seconds measured per point."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="Seconds of load before measuring."),
+    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Measure exactly this many requests."),
+    slo: Optional[str] = typer.Option(None, "--slo", help="Find the highest rate meeting a bound, e.g. p99_ms=500."),
+) -> None:
+    """Drive any rerank HTTP endpoint (xbench serve, TEI, Infinity, vLLM, ...) with the same load generator."""
+    from xbench.bench.http import API_PATHS, HttpTarget
+    from xbench.bench.runners import grid, run_points
+    from xbench.bench.slo import slo_search
+    from xbench.config import compose_config
+    from xbench.errors import ConfigError
+    from xbench.results.report import render_table
+    from xbench.workload import make_workload
+
+    if api not in API_PATHS:
+        raise ConfigError(f"--api {api!r} is not one of {', '.join(API_PATHS)}")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"URL {url!r} must start with http:// or https://")
+    cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests)])
+    workload = make_workload(data, cfg.experiment.num_pairs, cfg.experiment.seed)
+    target = HttpTarget(url, api, model=model, api_key=api_key)
+    if slo:
+        docs, best = slo_search("load", cfg, target, workload, int(cfg.experiment.batch_sizes[0]), slo, out, err_console)
+    else:
+        docs = run_points("load", cfg, target, workload, [(b, c, cfg.experiment.rate) for b, c in grid(cfg)], out, err_console)
+    console.print(render_table(docs, title=f"load: {target.url} ({api})"))
+    for d in docs:
+        if d.get("http_status"):
+            console.print(f"[dim]{d['_path']}: HTTP status counts {d['http_status']}[/]")
+    if slo:
+        console.print(f"highest rate meeting {slo}: " + (f"{best:g} requests/s" if best else "none of the rates tried"))
+
+
 @app.command("config")
 @user_errors
 def show_config(

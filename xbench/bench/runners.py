@@ -16,12 +16,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from xbench.backends import normalize
 from xbench.bench.load import LoadSpec, Send, Sent, generate
 from xbench.config import to_dict
 from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer
-from xbench.models import resolve_model
+from xbench.models import ResolvedModel, resolve_model
 from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, run_id, write_json
 from xbench.workload import Workload
 
@@ -39,6 +38,7 @@ class TokenizeTarget:
         max_length = min(int(inst.max_length), self.model.max_position_embeddings)
         self.pool = TokenizerPool(load_tokenizer(self.model.path, max_length), tp.workers, tp.parallelism, tp.mode)
         self.pool.warmup()
+        self.model_info = model_info(self.model)
         self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism), "tokenizer_mode": tp.mode,
                        "max_length": max_length}
 
@@ -60,7 +60,7 @@ class PipelineTarget:
 
     def __init__(self, cfg: DictConfig):
         self.pipeline = Pipeline(cfg).start()
-        self.model = self.pipeline.model
+        self.model_info = model_info(self.pipeline.model)
         d = self.pipeline.describe()
         self.params = {k: d[k] for k in ("backend", "device", "precision", "max_length", "model_workers",
                                          "threads_per_worker", "tokenizer_workers", "tokenizer_mode", "parallelism")}
@@ -122,22 +122,21 @@ def grid(cfg: DictConfig) -> list[tuple[int, int]]:
     return [(int(b), int(c)) for b in cfg.experiment.batch_sizes for c in levels]
 
 
+def model_info(model: ResolvedModel) -> dict:
+    info = model.info()
+    info.pop("path", None)
+    return info
+
+
 def result_document(command: str, cfg: DictConfig, target: Any, params: dict, stats: dict) -> dict:
-    model = target.model.info()
-    model.pop("path", None)
-    inst = cfg.model_pool.instances[0]
-    backend, device = normalize(inst.backend, inst.device)
-    params = {"backend": backend, "device": device, "precision": inst.quantization, **target.params, **params}
-    if command == "tokenize-bench":
-        for k in ("backend", "device", "precision"):
-            params.pop(k)
+    params = {**target.params, **params}
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
         "experiment": cfg.name,
         "config": to_dict(cfg),
         "env": environment(),
-        "model": model,
+        "model": target.model_info,
         "engine": getattr(target, "engine", None),
         "params": params,
         **stats,
@@ -162,27 +161,47 @@ def output_path(out: Path | None, command: str, params: dict, points: int, run: 
     return folder / point_filename(params)
 
 
-def run_bench(command: str, cfg: DictConfig, workload: Workload, out: Path | None = None,
-              console: Console | None = None) -> list[dict]:
-    console = console or Console(stderr=True)
-    points = grid(cfg)
-    run = run_id()
-    with console.status(f"[bold]{command}[/]: loading {cfg.model_pool.instances[0].name} ..."):
-        target = TARGETS[command](cfg)
-    docs = []
+async def measure(target: Any, workload: Workload, batch: int, spec: LoadSpec,
+                  progress: Callable[[float], None] | None = None) -> dict:
+    """One point: the target's send under the load generator (opening its session, if any)."""
+    if hasattr(target, "open"):
+        await target.open()
     try:
-        with progress_bar(console) as progress:
-            for batch, concurrency in points:
-                load = f"rate {cfg.experiment.rate:g}/s" if cfg.experiment.rate else f"concurrency {concurrency}"
-                task = progress.add_task(f"{command} batch {batch} {load}", total=1.0)
-                stats = asyncio.run(generate(target.sender(workload, batch), load_spec(cfg, concurrency),
-                                             lambda f, t=task: progress.update(t, completed=f)))
-                params = {"batch": batch, "concurrency": None if cfg.experiment.rate else concurrency,
-                          "rate": cfg.experiment.rate, "workload": workload.source}
-                doc = result_document(command, cfg, target, params, stats)
-                path = write_json(output_path(out, command, doc["params"], len(points), run), doc)
-                doc["_path"] = str(path)
-                docs.append(doc)
+        return await generate(target.sender(workload, batch), spec, progress)
+    finally:
+        if hasattr(target, "aclose"):
+            await target.aclose()
+
+
+def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
+               points: list[tuple[int, int, float | None]], out: Path | None, console: Console) -> list[dict]:
+    """Measure (batch, concurrency, rate) points against a ready target; write one document each."""
+    run = run_id()
+    docs = []
+    with progress_bar(console) as progress:
+        for batch, concurrency, rate in points:
+            load = f"rate {rate:g}/s" if rate else f"concurrency {concurrency}"
+            task = progress.add_task(f"{command} batch {batch} {load}", total=1.0)
+            spec = load_spec(cfg, concurrency)
+            spec.rate = rate
+            stats = asyncio.run(measure(target, workload, batch, spec, lambda f, t=task: progress.update(t, completed=f)))
+            params = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate,
+                      "workload": workload.source}
+            doc = result_document(command, cfg, target, params, stats)
+            path = write_json(output_path(out, command, doc["params"], len(points), run), doc)
+            doc["_path"] = str(path)
+            docs.append(doc)
+    return docs
+
+
+def run_bench(command: str, cfg: DictConfig, workload: Workload, out: Path | None = None,
+              console: Console | None = None, target: Any = None) -> list[dict]:
+    console = console or Console(stderr=True)
+    if target is None:
+        with console.status(f"[bold]{command}[/]: loading {cfg.model_pool.instances[0].name} ..."):
+            target = TARGETS[command](cfg)
+    points = [(b, c, cfg.experiment.rate) for b, c in grid(cfg)]
+    try:
+        return run_points(command, cfg, target, workload, points, out, console)
     finally:
         target.close()
-    return docs

@@ -34,6 +34,7 @@ class RerankResult:
     logits: np.ndarray
     total_tokens: int
     stages_s: dict[str, float]
+    truncated: int = 0
 
 
 @dataclass(eq=False)
@@ -77,7 +78,7 @@ class PendingRequest:
                 "tokenize": tokenize,
                 "infer": now - first,
             }
-            self.future.set_result(RerankResult(self.logits, self.encoded.total_tokens, stages))
+            self.future.set_result(RerankResult(self.logits, self.encoded.total_tokens, stages, self.encoded.truncated))
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():

@@ -78,9 +78,23 @@ class Pipeline:
         self._enqueue(Encoded(encoded.ids, encoded.type_ids, 0.0), now, now, result, expected=False)
         return result
 
+    @staticmethod
+    def cancel(result: Future) -> None:
+        """The client went away: drop its pairs before they cost compute."""
+        result.xbench_cancelled = True  # type: ignore[attr-defined]
+        pending = getattr(result, "xbench_request", None)
+        if pending is not None:
+            pending.cancel()
+
     def _enqueue(self, enc: Encoded, submitted: float, tokenize_started: float,
                  result: Future, expected: bool) -> PendingRequest:
         request = PendingRequest(enc, submitted=submitted, tokenize_started=tokenize_started, future=result)
+        result.xbench_request = request  # type: ignore[attr-defined]
+        if getattr(result, "xbench_cancelled", False):
+            request.cancel()
+            if expected:
+                self.batcher.arrived_empty()
+            return request
         if not enc.ids:  # nothing to score
             request.deliver([], np.empty(0, np.float32), time.perf_counter())
             if expected:

@@ -29,6 +29,7 @@ class Encoded:
     ids: list[np.ndarray]
     type_ids: list[np.ndarray]
     tokenize_s: float = 0.0  # time spent inside the tokenizer
+    truncated: int = 0  # pairs cut to max_length
 
     @property
     def lengths(self) -> list[int]:
@@ -63,7 +64,8 @@ def _encode(tok: Tokenizer, pairs: list[Pair]) -> Encoded:
     out = tok.encode_batch(pairs, add_special_tokens=True)
     ids = [np.asarray(e.ids, dtype=np.int32) for e in out]
     type_ids = [np.asarray(e.type_ids, dtype=np.int32) for e in out]
-    return Encoded(ids, type_ids, time.perf_counter() - t0)
+    truncated = sum(1 for e in out if e.overflowing)
+    return Encoded(ids, type_ids, time.perf_counter() - t0, truncated)
 
 
 # Per-process state of `mode: process` workers.

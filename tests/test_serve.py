@@ -1,0 +1,216 @@
+"""The real server over real HTTP: the three rerank APIs, errors, auth, limits, metrics, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from servers import start_server
+from test_pipeline import reference_logits
+
+KEY = "test-secret"
+DOCS = ["paris is the capital and largest city of france", "bananas are yellow", "the eiffel tower is in paris",
+        "france is a country in europe", "a b c"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    s = start_server([f"model_pool.instances.0.name={tiny_model}", "server.max_client_batch_size=50",
+                      "server.max_body_bytes=20000", "model_pool.instances.0.max_length=64"], api_key=KEY)
+    yield s
+    assert s.stop() == 0
+
+
+def post(server, path, body, headers=None, **kw):
+    h = dict(server.headers) if headers is None else headers
+    if isinstance(body, (dict, list)):
+        return httpx.post(server.url + path, json=body, headers=h, timeout=60, **kw)
+    return httpx.post(server.url + path, content=body, headers=h, timeout=60, **kw)
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def test_health_was_503_while_loading_then_200(server):
+    assert server.saw_loading
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_info_describes_the_served_model(server, tiny_model):
+    info = httpx.get(server.url + "/info", headers=server.headers).json()
+    assert info["model"] == str(tiny_model)
+    assert info["backend"] == "pytorch" and info["precision"] == "fp32"
+    assert info["max_client_batch_size"] == 50 and info["max_input_length"] == 64
+    assert info["relevance_trained"] is False
+    for key in ("max_batch_tokens", "max_concurrent_requests", "tokenizer_workers", "version"):
+        assert key in info
+
+
+def test_v1_rerank_sorts_scores_applies_top_n_and_matches_the_model(server, tiny_model):
+    r = post(server, "/v1/rerank", {"model": str(tiny_model), "query": "capital of france", "documents": DOCS,
+                                    "top_n": 3, "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = sigmoid(reference_logits(tiny_model, [("capital of france", d) for d in DOCS], max_length=64))
+    order = np.argsort(-expected)[:3]
+    assert [x["index"] for x in body["results"]] == order.tolist()
+    np.testing.assert_allclose([x["relevance_score"] for x in body["results"]], expected[order], atol=1e-5)
+    assert [x["document"]["text"] for x in body["results"]] == [DOCS[i] for i in order]
+    assert body["usage"]["total_tokens"] > 0 and body["id"]
+    for h in ("x-queue-time", "x-tokenization-time", "x-inference-time", "x-compute-time", "x-compute-tokens"):
+        assert h in r.headers
+    assert float(r.headers["x-compute-time"]) > 0
+
+
+def test_v2_rerank_truncates_documents_to_max_tokens_per_doc(server):
+    long_doc = "paris " * 40
+    full = post(server, "/v2/rerank", {"model": "x", "query": "q", "documents": [long_doc]})
+    assert full.status_code == 400 and "served" in full.json()["error"]["message"]
+    cut = post(server, "/v2/rerank", {"query": "q", "documents": [long_doc, "paris " * 3], "max_tokens_per_doc": 3})
+    scores = {x["index"]: x["relevance_score"] for x in cut.json()["results"]}
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # the long doc was cut to 3 tokens
+    assert "document" not in cut.json()["results"][0]
+
+
+def test_tei_rerank_shape_raw_scores_and_truncate_false(server, tiny_model):
+    r = post(server, "/rerank", {"query": "q", "texts": DOCS[:3], "raw_scores": True, "return_text": True})
+    assert r.status_code == 200
+    arr = r.json()
+    assert isinstance(arr, list) and {"index", "score", "text"} <= set(arr[0])
+    logits = reference_logits(tiny_model, [("q", d) for d in DOCS[:3]], max_length=64)
+    np.testing.assert_allclose(sorted(x["score"] for x in arr), sorted(logits), atol=1e-5)
+    over = post(server, "/rerank", {"query": "q", "texts": ["word " * 100], "truncate": False})
+    assert over.status_code == 422 and over.json()["error_type"] == "Validation"
+    assert post(server, "/rerank", {"query": "q", "texts": ["word " * 100]}).status_code == 200  # truncated by default
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_scores(server, tiny_model):
+    queries = [f"query number {i}" for i in range(8)]
+
+    async def go():
+        async with httpx.AsyncClient(headers=server.headers, timeout=60) as c:
+            return await asyncio.gather(*(c.post(server.url + "/rerank", json={"query": q, "texts": DOCS, "raw_scores": True})
+                                          for q in queries))
+
+    for q, r in zip(queries, asyncio.run(go())):
+        got = {x["index"]: x["score"] for x in r.json()}
+        want = reference_logits(tiny_model, [(q, d) for d in DOCS], max_length=64)
+        np.testing.assert_allclose([got[i] for i in range(len(DOCS))], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("path,body,status,fragment", [
+    ("/v1/rerank", b"{not json", 400, "not valid JSON"),
+    ("/v1/rerank", {"documents": ["a"]}, 422, "`query`"),
+    ("/v1/rerank", {"query": 3, "documents": ["a"]}, 422, "`query` must be a string"),
+    ("/v1/rerank", {"query": "q", "documents": []}, 422, "must not be empty"),
+    ("/v1/rerank", {"query": "q", "documents": "abc"}, 422, "`documents` must be an array"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"txt": "b"}]}, 422, "documents[1]"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": True}, 422, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"] * 51}, 413, "max_client_batch_size=50"),
+    ("/v1/rerank", {"query": "q", "documents": ["x" * 30000]}, 413, "limit of 20000 bytes"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": -1}, 422, "max_tokens_per_doc"),
+    ("/rerank", {"query": "q"}, 422, "texts"),
+    ("/rerank", {"query": "q", "texts": [None]}, 422, "texts[0]"),
+    ("/rerank", [1, 2], 422, "JSON object"),
+])
+def test_bad_requests_get_the_right_status_and_name_the_field(server, path, body, status, fragment):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    if path == "/rerank":
+        assert set(err) == {"error", "error_type"} and fragment in err["error"]
+    else:
+        assert set(err["error"]) == {"message", "type", "param"} and fragment in err["error"]["message"]
+    assert post(server, "/rerank", {"query": "q", "texts": ["still serving"]}).status_code == 200
+
+
+def test_auth_is_required_everywhere_but_health(server):
+    for path in ("/v1/rerank", "/rerank"):
+        assert post(server, path, {"query": "q", "documents": ["a"], "texts": ["a"]}, headers={}).status_code == 401
+        wrong = post(server, path, {"query": "q", "documents": ["a"], "texts": ["a"]}, headers={"authorization": "Bearer no"})
+        assert wrong.status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/info").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(["query", "documents", "texts", "top_n", "return_documents", "raw_scores",
+                                             "truncate", "model", "max_tokens_per_doc"]),
+                            st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.text(max_size=20),
+                                      st.lists(st.one_of(st.text(max_size=30), st.integers(), st.none()), max_size=4))),
+       path=st.sampled_from(["/v1/rerank", "/v2/rerank", "/rerank"]))
+def test_fuzzed_requests_never_crash_the_server(server, body, path):
+    r = post(server, path, body)
+    assert r.status_code in (200, 400, 413, 422), r.text
+    assert r.headers["content-type"].startswith("application/json")
+
+
+def test_cohere_sdk_v1_and_v2_clients_work_unchanged(server, tiny_model):
+    cohere = pytest.importorskip("cohere")
+    v1 = cohere.Client(api_key=KEY, base_url=server.url)
+    res = v1.rerank(model=str(tiny_model), query="capital of france", documents=DOCS, top_n=2)
+    assert len(res.results) == 2 and res.results[0].relevance_score >= res.results[1].relevance_score
+    v2 = cohere.ClientV2(api_key=KEY, base_url=server.url)
+    res2 = v2.rerank(model=str(tiny_model), query="capital of france", documents=DOCS)
+    assert sorted(r.index for r in res2.results) == list(range(len(DOCS)))
+
+
+def test_metrics_are_prometheus_text_and_pass_promtool(server):
+    post(server, "/v1/rerank", {"query": "q", "documents": DOCS})
+    text = httpx.get(server.url + "/metrics", headers=server.headers).text
+    for name in ("xbench_requests_total", "xbench_request_duration_seconds_bucket", "xbench_queue_size_pairs",
+                 "xbench_batch_size_pairs_bucket", "xbench_batch_tokens_bucket", "xbench_stage_duration_seconds_bucket",
+                 "xbench_pairs_total", "xbench_model_info"):
+        assert name in text
+    assert 'stage="tokenize"' in text and 'status="422"' in text or 'status="200"' in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_load_command_measures_the_server(server, tmp_path):
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "-m", "xbench", "load", server.url, "--api", "tei", "--api-key", KEY,
+                           "-b", "8", "-c", "2", "-d", "1.5", "--warmup", "0.3", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "load" and doc["http_status"].get("200", 0) == doc["summary"]["requests"] > 0
+    assert set(doc["stages_ms"]) == {"queue", "tokenize", "infer"}  # read back from the timing headers
+
+
+def test_client_that_hangs_up_has_its_pairs_dropped_and_sigterm_drains(tiny_model):
+    s = start_server([f"model_pool.instances.0.name={tiny_model}", "server.max_concurrent_requests=2"])
+    try:
+        # a request in flight when SIGTERM arrives still gets its answer; then the process exits 0
+        result = {}
+
+        def slow():
+            result["r"] = httpx.post(s.url + "/rerank", json={"query": "q", "texts": ["word " * 50] * 800}, timeout=60)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.3)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert result["r"].status_code == 200 and len(result["r"].json()) == 800
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()

@@ -1,0 +1,1 @@
+"""`xbench serve`: the pipeline behind the rerank HTTP APIs clients already speak."""

@@ -196,21 +196,57 @@ def test_load_command_measures_the_server(server, tmp_path):
     assert set(doc["stages_ms"]) == {"queue", "tokenize", "infer"}  # read back from the timing headers
 
 
-def test_client_that_hangs_up_has_its_pairs_dropped_and_sigterm_drains(tiny_model):
-    s = start_server([f"model_pool.instances.0.name={tiny_model}", "server.max_concurrent_requests=2"])
+def metric(server, name):
+    for line in httpx.get(server.url + "/metrics", headers=server.headers).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_hung_up_clients_cost_no_compute_and_sigterm_drains_in_flight_requests():
+    # The full-size model on CPU: 600 pairs take seconds, so the hang-up lands mid-request.
+    s = start_server(["batching.max_batch_size=16"])
     try:
-        # a request in flight when SIGTERM arrives still gets its answer; then the process exits 0
+        before = metric(s, "xbench_batch_size_pairs_sum")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/rerank", json={"query": "q", "texts": ["word " * 40] * 600}, timeout=0.5)
+        time.sleep(2.0)
+        scored = metric(s, "xbench_batch_size_pairs_sum") - before
+        assert scored < 300, f"{scored} of 600 pairs were scored after the client left"
+        assert httpx.get(s.url + "/health").status_code == 200
+
         result = {}
 
-        def slow():
-            result["r"] = httpx.post(s.url + "/rerank", json={"query": "q", "texts": ["word " * 50] * 800}, timeout=60)
+        def in_flight():
+            result["r"] = httpx.post(s.url + "/rerank", json={"query": "q", "texts": DOCS * 10}, timeout=60)
 
-        t = threading.Thread(target=slow)
+        t = threading.Thread(target=in_flight)
         t.start()
         time.sleep(0.3)
         s.proc.send_signal(signal.SIGTERM)
         t.join(60)
-        assert result["r"].status_code == 200 and len(result["r"].json()) == 800
+        assert result["r"].status_code == 200 and len(result["r"].json()) == 50
         assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_queue_full_is_429_with_retry_after_at_once():
+    s = start_server(["server.max_concurrent_requests=1"])
+    try:
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(s.url + "/rerank", json={"query": "q", "texts": DOCS * 20})
+                                              for _ in range(4)))
+
+        t0 = time.perf_counter()
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 1 and 429 in codes
+        rejected = next(r for r in responses if r.status_code == 429)
+        assert rejected.headers["retry-after"] == "1" and rejected.json()["error_type"] == "Overloaded"
+        assert time.perf_counter() - t0 < 60
     finally:
         s.stop()

@@ -173,6 +173,82 @@ def load_command(
         console.print(f"highest rate meeting {slo}: " + (f"{best:g} requests/s" if best else "none of the rates tried"))
 
 
+@app.command("sweep")
+@user_errors
+def sweep_command(
+    name: Optional[str] = typer.Argument(None, help="Experiment in conf/experiment/ (see --list)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " Comma lists sweep more values.", show_default=False),
+    all_experiments: bool = typer.Option(False, "--all", help="Run every numbered experiment and write one combined table beside the reference study."),
+    force: bool = typer.Option(False, "--force", help="Re-measure points that already have a result."),
+    new: bool = typer.Option(False, "--new", help="Start a new run folder instead of resuming the latest one."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL workload for every point."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="Hydra launcher plugin: basic (default, one point after another), joblib, submitit_slurm, ray."),
+    list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
+) -> None:
+    """Run an experiment's grid (a Hydra multirun), write one JSON per point and results.md."""
+    from xbench.bench.sweep import run_all, run_sweep
+    from xbench.config import compose_config, experiment_names
+
+    if list_ or (not name and not all_experiments):
+        for n in experiment_names():
+            console.print(f"{n:24s} {compose_config([], experiment=n).name}", highlight=False)
+        return
+    if data is not None and not data.is_file():
+        raise XbenchError(f"--data {data}: no such file")
+    if all_experiments:
+        if name:
+            overrides = [name, *(overrides or [])]
+        folder = run_all(list(overrides or []), force=force, data=str(data) if data else None, launcher=launcher)
+    else:
+        if name not in experiment_names():
+            raise XbenchError(f"experiment {name!r} not found; choose one of {', '.join(experiment_names())}")
+        folder = run_sweep(name, list(overrides or []), force=force, new_run=new, data=str(data) if data else None,
+                           launcher=launcher)
+    _print_report(folder)
+
+
+def _print_report(folder: Path) -> None:
+    from xbench.results.report import render_table
+    from xbench.results.store import read_results
+
+    sources = [Path(p) for p in __import__("json").loads((folder / "runs.json").read_text())] \
+        if (folder / "runs.json").is_file() else [folder]
+    docs = sorted((d for s in sources for d in read_results(s)), key=lambda d: d["_path"])
+    console.print(render_table(docs, title=f"{folder}"))
+    console.print(f"[dim]report: {folder / 'results.md'}[/]")
+
+
+@app.command("plot")
+@user_errors
+def plot_command(
+    path: Path = typer.Argument(Path("results"), help="A result file, run folder, or results/."),
+    out: Path = typer.Option(Path("plots"), "--out", "-o", help="Folder for the PNG charts and index.html."),
+) -> None:
+    """Draw charts (PNG) and a self-contained plots/index.html report from result files."""
+    from xbench.results.plot import plot_results
+
+    written = plot_results(path, out)
+    for p in written:
+        console.print(f"wrote {p}")
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    a: Path = typer.Argument(..., help="Baseline: a result file or folder."),
+    b: Path = typer.Argument(..., help="Candidate: a result file or folder."),
+    threshold: float = typer.Option(0.15, "--threshold", help="Flag a change of pairs/s or p99 larger than this fraction (run-to-run noise on shared 2-core machines reaches ~15%)."),
+    fail: bool = typer.Option(False, "--fail-on-regression", help="Exit 1 when any matching point regressed past the threshold."),
+) -> None:
+    """Two runs side by side: the ratio per matching point, flagged past the noise threshold."""
+    from xbench.results.compare import compare, render
+
+    rows = compare(a, b, threshold)
+    console.print(render(rows, a, b, threshold))
+    if fail and any(r["regression"] for r in rows):
+        raise typer.Exit(1)
+
+
 @app.command("config")
 @user_errors
 def show_config(

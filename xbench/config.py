@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -78,6 +78,10 @@ class ServerConfig:
 
 @dataclass
 class ExperimentConfig:
+    # What a sweep point runs: tokenize-bench, infer-bench or pipeline-bench.
+    command: str = "pipeline-bench"
+    # Further grid axes for `xbench sweep`: config key -> values, e.g. {"tokenizer_pool.workers": [1, 2, 4]}.
+    grid: Dict[str, List[Any]] = field(default_factory=dict)
     batch_sizes: List[int] = field(default_factory=lambda: [128])
     concurrency_levels: List[int] = field(default_factory=lambda: [16])
     duration_s: float = 10.0
@@ -153,6 +157,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 TOKENIZER_MODES = ("thread", "process")
+BENCH_COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -198,6 +203,8 @@ def validate(cfg: DictConfig) -> None:
     if exp.rate is not None:
         positive("experiment.rate", exp.rate)
     positive("experiment.windows", exp.windows)
+    if exp.command not in BENCH_COMMANDS:
+        raise ConfigError(f"experiment.command={exp.command!r} is not one of {', '.join(BENCH_COMMANDS)}")
     positive("experiment.num_pairs", exp.num_pairs)
     positive("server.max_client_batch_size", cfg.server.max_client_batch_size)
     positive("server.max_concurrent_requests", cfg.server.max_concurrent_requests)

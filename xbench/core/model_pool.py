@@ -90,6 +90,10 @@ class ModelPool:
         for request, indices, rows in by_request.values():
             request.deliver(indices, logits[rows], start)
 
+    def healthy(self) -> bool:
+        """Loaded, and every worker thread still running."""
+        return self.alive and all(t.is_alive() for t in self._threads)
+
     def join(self) -> None:
         for t in self._threads:
             t.join()

@@ -88,7 +88,7 @@ class TokenizerPool:
         self.workers = workers
         self.parallelism = parallelism
         self.mode = mode
-        self._json = tokenizer_json
+        self.tokenizer_json = tokenizer_json
         set_parallelism(parallelism)
         self._local = threading.local()
         self._executor: Executor
@@ -106,7 +106,7 @@ class TokenizerPool:
     def _thread_tokenizer(self) -> Tokenizer:
         tok = getattr(self._local, "tok", None)
         if tok is None:
-            tok = self._local.tok = Tokenizer.from_str(self._json)
+            tok = self._local.tok = Tokenizer.from_str(self.tokenizer_json)
         return tok
 
     def encode(self, pairs: list[Pair]) -> Encoded:

@@ -76,3 +76,24 @@ def environment_line(env: dict[str, Any]) -> str:
     return (f"{env.get('cpu')} ({env.get('cores')} cores), {gpu}; Python {env.get('python')}, "
             f"torch {env.get('torch')}, transformers {env.get('transformers')}, xbench {env.get('xbench')}"
             + (f", commit {env['git_commit'][:10]}" if env.get("git_commit") else ""))
+
+
+# The reference study: MiniLM-L-6-v2 cross-encoder on an Apple M-series GPU (MPS, fp16),
+# batch 128 pairs per request, concurrency 16.
+REFERENCE_ROWS = [
+    ("Tokenizer only", "1", "-", "off", "156", "~20k", "101ms", "94ms", "225ms", "245ms"),
+    ("Tokenizer only", "1", "-", "on", "301", "~38.5k", "52ms", "45ms", "78ms", "192ms"),
+    ("Tokenizer only", "4", "-", "on", "489", "~62.5k", "32ms", "32ms", "56ms", "91ms"),
+    ("Inference only", "-", "1", "-", "64", "~8.2k", "248ms", "201ms", "442ms", "489ms"),
+    ("Inference only", "-", "4", "-", "147", "~18.9k", "150ms", "137ms", "406ms", "490ms"),
+    ("Full pipeline", "1", "1", "off", "57", "~7.3k", "276ms", "360ms", "486ms", "497ms"),
+    ("Full pipeline", "1", "1", "on", "58", "~7.4k", "274ms", "353ms", "485ms", "497ms"),
+    ("Full pipeline", "2", "4", "on", "111", "~14.2k", "156ms", "91ms", "456ms", "501ms"),
+]
+
+
+def reference_table() -> str:
+    cols = COLUMNS[: NUMERIC_FROM + 6]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r) + " |" for r in REFERENCE_ROWS]
+    return "\n".join(lines) + "\n"

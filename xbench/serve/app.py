@@ -86,8 +86,7 @@ class RerankService:
 
     # -- checks ---------------------------------------------------------------------------
     def healthy(self) -> bool:
-        return self.ready and all(p.models.alive and all(t.is_alive() for t in p.models._threads)
-                                  for p in self.pipelines.values())
+        return self.ready and all(p.models.healthy() for p in self.pipelines.values())
 
     def check_auth(self, request: Request) -> None:
         if not self.api_key:
@@ -127,7 +126,7 @@ class RerankService:
         """Cohere v2's max_tokens_per_doc: cut each document's text after its first N tokens."""
         tok = self._doc_tokenizers.get(pipe.instance.name)
         if tok is None:
-            tok = self._doc_tokenizers[pipe.instance.name] = Tokenizer.from_str(pipe.tokenizers._json)
+            tok = self._doc_tokenizers[pipe.instance.name] = Tokenizer.from_str(pipe.tokenizers.tokenizer_json)
             tok.no_truncation()
         out = []
         for enc, text in zip(tok.encode_batch(docs, add_special_tokens=False), docs):
@@ -310,8 +309,19 @@ def create_app(cfg: DictConfig, load_in_background: bool = True) -> Starlette:
 
 
 def serve(cfg: DictConfig) -> None:
+    import contextlib
+
     import uvicorn
 
-    app = create_app(cfg)
-    uvicorn.run(app, host=cfg.server.host, port=int(cfg.server.port), log_level="warning",
-                timeout_graceful_shutdown=30, access_log=False)
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            with super().capture_signals():
+                yield
+                # SIGTERM/SIGINT ended a graceful drain: that is a clean exit (0), so do not
+                # re-raise the signal the way uvicorn does by default.
+                self._captured_signals.clear()
+
+    config = uvicorn.Config(create_app(cfg), host=cfg.server.host, port=int(cfg.server.port), log_level="warning",
+                            timeout_graceful_shutdown=30, access_log=False)
+    Server(config).run()

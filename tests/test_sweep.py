@@ -1,0 +1,112 @@
+"""Sweeps over a tiny model: files per point, results.md, resume, failures, plots, compare, joblib."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xbench.results.compare import compare
+
+FAST = ["experiment.duration_s=0.6", "experiment.warmup_s=0.1"]
+
+
+def xbench(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "xbench", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def run_dir(cwd: Path, name: str) -> Path:
+    runs = sorted((cwd / "results" / name).iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.fixture()
+def two_point_sweep(tmp_path, tiny_overrides):
+    args = ["sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",
+            "experiment.concurrency_levels=[2]"]
+    first = xbench(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    return tmp_path, args, first
+
+
+def test_sweep_writes_a_json_per_point_and_a_report(two_point_sweep):
+    cwd, _, proc = two_point_sweep
+    folder = run_dir(cwd, "09_concurrency")
+    docs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    assert sorted(d["params"]["batch"] for d in docs) == [4, 8]
+    assert all(d["summary"]["requests"] > 0 for d in docs)
+    report = (folder / "results.md").read_text()
+    for col in ("Configuration", "Tokenizer workers", "Model workers", "Parallelism", "RPS", "Pairs/s", "Mean", "P50", "P95", "P99"):
+        assert col in report
+    assert "**Machine:**" in report and report.count("| Full pipeline") == 2
+    assert "Pairs/s" in proc.stdout
+
+
+def test_rerunning_a_sweep_resumes_and_force_remeasures(two_point_sweep):
+    cwd, args, _ = two_point_sweep
+    folder = run_dir(cwd, "09_concurrency")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    again = xbench(*args, cwd=cwd)
+    assert again.returncode == 0 and again.stderr.count("already measured") == 2
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")} == before
+    forced = xbench(*args, "--force", cwd=cwd)
+    assert forced.returncode == 0 and "already measured" not in forced.stderr
+    assert all(p.stat().st_mtime_ns != before[p.name] for p in folder.glob("*.json"))
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_overrides):
+    proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.concurrency_levels=[1]",
+                  "experiment.batch_sizes=[4]", "model_pool.instances.0.quantization=fp32,int4",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(p.read_text()) for p in run_dir(tmp_path, "09_concurrency").glob("*.json")]
+    failed = [d for d in docs if d.get("error")]
+    assert len(docs) == 2 and len(failed) == 1 and "int4" in failed[0]["error"]
+    assert "failed" in (run_dir(tmp_path, "09_concurrency") / "results.md").read_text()
+
+
+def test_unknown_experiment_and_bad_key_exit_2(tmp_path):
+    assert xbench("sweep", "no_such_experiment", cwd=tmp_path).returncode == 2
+    bad = xbench("sweep", "demo", "experiment.nope=1", cwd=tmp_path)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_joblib_launcher_runs_the_points(tmp_path, tiny_overrides):
+    proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",
+                  "experiment.concurrency_levels=[1]", "--launcher", "joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(run_dir(tmp_path, "09_concurrency").glob("*.json"))) == 2
+
+
+def test_plot_writes_charts_and_an_index_that_shows_them(two_point_sweep):
+    cwd, _, _ = two_point_sweep
+    proc = xbench("plot", "results", "-o", "plots", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted((cwd / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {"batch_size.png", "configurations.png"}
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    page = (cwd / "plots" / "index.html").read_text()
+    assert all(p.name in page for p in pngs) and "data:image/png;base64," in page and "<table>" in page
+
+
+def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, tmp_path):
+    cwd, _, _ = two_point_sweep
+    a = run_dir(cwd, "09_concurrency")
+    b = tmp_path / "b"
+    b.mkdir()
+    for p in a.glob("*.json"):
+        doc = json.loads(p.read_text())
+        doc["summary"]["pairs_per_s"] *= 0.5 if doc["params"]["batch"] == 4 else 1.02
+        (b / p.name).write_text(json.dumps(doc))
+    rows = {r["point"]: r for r in compare(a, b, threshold=0.15)}
+    slow = next(r for k, r in rows.items() if "b4 " in k)
+    same = next(r for k, r in rows.items() if "b8 " in k)
+    assert slow["pairs_ratio"] == pytest.approx(0.5) and slow["regression"]
+    assert same["pairs_ratio"] == pytest.approx(1.02) and not same["regression"]
+    proc = xbench("compare", str(a), str(b), "--fail-on-regression", cwd=cwd)
+    assert proc.returncode == 1 and "regression" in proc.stdout

@@ -1,0 +1,208 @@
+"""`xbench sweep`: an experiment's grid as a Hydra multirun, one measured point per job.
+
+The grid (experiment.batch_sizes x concurrency_levels x experiment.grid) becomes Hydra sweep
+overrides, so any Hydra launcher runs it: the default runs points one after another (parallel
+points on one machine would disturb each other's timings); `hydra/launcher=joblib` runs them in
+worker processes; submitit (SLURM) or Ray spread them over identical machines.
+
+Each job writes its point's result document into the run folder, named by a hash of its
+composed config: re-running the sweep skips points already measured (`--force` re-measures),
+a failing point is written with its error and the sweep goes on, and an interrupted sweep
+leaves every finished point intact for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from xbench.config import compose_config, conf_dir, experiment_names, to_dict, validate
+from xbench.errors import XbenchError
+from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, read_results, run_id, write_json
+
+ENV_RUN_DIR = "XBENCH_SWEEP_DIR"
+ENV_FORCE = "XBENCH_SWEEP_FORCE"
+ENV_DATA = "XBENCH_SWEEP_DATA"
+ENV_TOTAL = "XBENCH_SWEEP_POINTS"
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A short hash of everything that defines a point (the whole composed config)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def grid_overrides(cfg: DictConfig) -> list[str]:
+    """The experiment's grid as Hydra sweep overrides, one value per point."""
+    e = cfg.experiment
+    out = [
+        "experiment.batch_sizes=" + ",".join(f"[{b}]" for b in e.batch_sizes),
+        "experiment.concurrency_levels=" + ",".join(f"[{c}]" for c in e.concurrency_levels),
+    ]
+    for key, values in (e.grid or {}).items():
+        out.append(f"{key}=" + ",".join(_value(v) for v in values))
+    return out
+
+
+def _value(v: object) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def count_points(cfg: DictConfig) -> int:
+    n = len(cfg.experiment.batch_sizes) * len(cfg.experiment.concurrency_levels)
+    for values in (cfg.experiment.grid or {}).values():
+        n *= len(values)
+    return n
+
+
+def _existing(run_dir: Path, key: str) -> Path | None:
+    for path in run_dir.glob(f"*-{key}.json"):
+        try:
+            if not json.loads(path.read_text()).get("error"):
+                return path
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="config")
+def sweep_job(cfg: DictConfig) -> None:
+    """One point of the grid (a Hydra job). Reads its run folder and flags from the environment,
+    so launchers that run jobs in other processes get them too."""
+    from rich.console import Console
+
+    from xbench.bench.runners import run_bench
+    from xbench.workload import make_workload
+
+    console = Console(stderr=True)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])  # type: ignore[assignment]
+    run_dir = Path(os.environ[ENV_RUN_DIR])
+    key = config_key(cfg)
+    e = cfg.experiment
+    label = f"{e.command} batch {e.batch_sizes[0]} c{e.concurrency_levels[0]} " + " ".join(
+        f"{k}={OmegaConf.select(cfg, k)}" for k in (e.grid or {}))
+    done = len([p for p in run_dir.glob("*.json")])
+    console.print(f"[bold]point {min(done + 1, int(os.environ.get(ENV_TOTAL, 0)) or done + 1)}"
+                  f"/{os.environ.get(ENV_TOTAL, '?')}[/] {label}")
+    if not os.environ.get(ENV_FORCE) and (found := _existing(run_dir, key)):
+        console.print(f"  [dim]already measured: {found.name} (--force re-measures)[/]")
+        return
+    params = {"batch": e.batch_sizes[0], "concurrency": e.concurrency_levels[0],
+              "tokenizer_workers": cfg.tokenizer_pool.workers, "model_workers": cfg.model_pool.workers,
+              "parallelism": cfg.tokenizer_pool.parallelism, "backend": cfg.model_pool.instances[0].backend,
+              "precision": cfg.model_pool.instances[0].quantization}
+    stem = point_filename(params).removesuffix(".json")
+    out = run_dir / f"{e.command}-{stem}-{key}.json"
+    try:
+        validate(cfg)
+        workload = make_workload(os.environ.get(ENV_DATA) or None, e.num_pairs, e.seed)
+        run_bench(e.command, cfg, workload, out=out, console=console)
+    except (Exception, SystemExit) as exc:  # a failed point is a result; the sweep goes on
+        msg = f"{type(exc).__name__}: {exc}"
+        console.print(f"  [red]failed:[/] {msg}")
+        write_json(out, {"schema_version": SCHEMA_VERSION, "command": e.command, "experiment": cfg.name,
+                         "config": to_dict(cfg), "env": environment(), "model": {"name": cfg.model_pool.instances[0].name},
+                         "params": params, "error": msg[:500]})
+
+
+def latest_run(name: str) -> Path | None:
+    runs = sorted(p for p in (RESULTS_DIR / name).glob("*") if p.is_dir())
+    return runs[-1] if runs else None
+
+
+def split_sweeps(overrides: list[str]) -> tuple[list[str], int]:
+    """Overrides with each command-line sweep (`key=a,b`) cut to its first value, for validating
+    the config up front, and how many points the command-line sweeps multiply the grid by."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain, factor = [], 1
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            o = parser.parse_override(text)
+        except Exception as exc:
+            raise XbenchError(f"override {text!r}: {str(exc).splitlines()[0]}") from None
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+            factor *= len(values)
+            plain.append(f"{o.get_key_element()}={values[0]}")
+        else:
+            plain.append(text)
+    return plain, factor
+
+
+def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: bool = False,
+              data: str | None = None, launcher: str | None = None) -> Path:
+    """Run every point of experiment `name`; returns the run folder (which holds results.md)."""
+    plain, factor = split_sweeps(overrides)
+    # Fail fast, naming the bad key; hydra.* settings belong to the launcher, checked by Hydra itself.
+    cfg = compose_config([o for o in plain if not o.startswith(("hydra.", "hydra/"))], experiment=name)
+    run_dir = None if new_run else latest_run(name)
+    run_dir = (run_dir or RESULTS_DIR / name / run_id()).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV_RUN_DIR] = str(run_dir)
+    os.environ[ENV_TOTAL] = str(count_points(cfg) * factor)
+    os.environ[ENV_DATA] = str(Path(data).resolve()) if data else ""
+    if force:
+        os.environ[ENV_FORCE] = "1"
+    else:
+        os.environ.pop(ENV_FORCE, None)
+    argv = [
+        "xbench-sweep", "--config-dir", str(conf_dir()), "-m", f"experiment={name}", *overrides,
+        *grid_overrides(cfg),
+        f"hydra.sweep.dir={run_dir / '.hydra'}", "hydra.sweep.subdir=${hydra.job.num}",
+        "hydra/job_logging=none", "hydra/hydra_logging=none",
+    ]
+    if launcher:
+        argv.append(f"hydra/launcher={launcher}")
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        sweep_job()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise XbenchError(f"sweep {name} stopped: Hydra exited with {exc.code}") from None
+    finally:
+        sys.argv = saved
+        write_report(run_dir)  # from whatever points exist, also after Ctrl-C
+    return run_dir
+
+
+def write_report(run_dir: Path, sources: list[Path] | None = None, reference: bool = False) -> Path:
+    """results.md in `run_dir` from the documents under `sources` (default: run_dir itself)."""
+    from xbench.results.report import environment_line, markdown_table, reference_table
+
+    docs = sorted((d for src in (sources or [run_dir]) for d in read_results(src)), key=lambda d: d["_path"])
+    env = next((d["env"] for d in docs if "env" in d), environment())
+    title = docs[0].get("experiment", run_dir.parent.name) if docs else run_dir.parent.name
+    parts = [f"# {title}\n", f"Run `{run_dir.name}`, {time.strftime('%Y-%m-%d %H:%M')}.\n",
+             f"**Machine:** {environment_line(env)}\n",
+             "Model: the embedded default unless the config says otherwise (seeded head: scores are not "
+             "relevance-trained; throughput and latency transfer to cross-encoder/ms-marco-MiniLM-L-6-v2).\n",
+             markdown_table(docs)]
+    if reference:
+        parts += ["\n## Reference study (Apple M-series GPU, MPS fp16, batch 128, concurrency 16)\n", reference_table()]
+    path = run_dir / "results.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def run_all(overrides: list[str], force: bool = False, data: str | None = None, launcher: str | None = None) -> Path:
+    """Every numbered experiment, then one combined report beside the reference figures."""
+    study = (RESULTS_DIR / "study" / run_id()).resolve()
+    study.mkdir(parents=True, exist_ok=True)
+    runs = []
+    try:
+        for name in (n for n in experiment_names() if n[:2].isdigit()):
+            runs.append(run_sweep(name, overrides, force=force, data=data, launcher=launcher))
+    finally:
+        (study / "runs.json").write_text(json.dumps([str(r) for r in runs], indent=2))
+        write_report(study, sources=runs, reference=True)
+    return study

@@ -1,0 +1,57 @@
+"""`xbench compare A B`: matching points of two runs, their ratios, flagged past the noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from xbench.errors import DataError
+from xbench.results.report import configuration
+from xbench.results.store import read_results
+
+MATCH_KEYS = ("backend", "precision", "device", "batch", "concurrency", "rate", "tokenizer_workers",
+              "model_workers", "parallelism", "api")
+
+
+def point_key(doc: dict) -> tuple:
+    p = doc.get("params", {})
+    return (doc.get("command"), *(p.get(k) for k in MATCH_KEYS))
+
+
+def _load(path: Path) -> dict[tuple, dict]:
+    docs = [d for d in read_results(path) if not d.get("error")]
+    if not docs:
+        raise DataError(f"{path}: no result documents")
+    return {point_key(d): d for d in docs}
+
+
+def compare(a: Path, b: Path, threshold: float) -> list[dict]:
+    base, cand = _load(Path(a)), _load(Path(b))
+    rows = []
+    for key in sorted(set(base) & set(cand), key=str):
+        da, db = base[key], cand[key]
+        pa, pb = da["summary"]["pairs_per_s"], db["summary"]["pairs_per_s"]
+        la, lb = da["latency_ms"].get("p99"), db["latency_ms"].get("p99")
+        speed = pb / pa if pa else float("nan")
+        p99 = lb / la if la and lb else float("nan")
+        rows.append({
+            "point": configuration(db), "a_pairs_per_s": pa, "b_pairs_per_s": pb, "pairs_ratio": speed,
+            "a_p99_ms": la, "b_p99_ms": lb, "p99_ratio": p99,
+            "regression": speed < 1 - threshold or p99 > 1 + threshold,
+            "improvement": speed > 1 + threshold or p99 < 1 - threshold,
+        })
+    if not rows:
+        raise DataError(f"no point of {a} matches a point of {b} (same command, backend, precision, batch, load, workers)")
+    return rows
+
+
+def render(rows: list[dict], a: Path, b: Path, threshold: float) -> Table:
+    t = Table(title=f"{b} vs {a} (flagged past ±{threshold:.0%})", header_style="bold")
+    for col in ("point", "pairs/s A", "pairs/s B", "B/A", "p99 A", "p99 B", "B/A ", "verdict"):
+        t.add_column(col, justify="left" if col in ("point", "verdict") else "right")
+    for r in rows:
+        verdict = "[red]regression[/]" if r["regression"] else "[green]improvement[/]" if r["improvement"] else "within noise"
+        t.add_row(r["point"], f"{r['a_pairs_per_s']:.1f}", f"{r['b_pairs_per_s']:.1f}", f"{r['pairs_ratio']:.2f}",
+                  f"{r['a_p99_ms'] or 0:.0f}ms", f"{r['b_p99_ms'] or 0:.0f}ms", f"{r['p99_ratio']:.2f}", verdict)
+    return t

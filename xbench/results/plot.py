@@ -1,0 +1,134 @@
+"""`xbench plot`: PNG charts of result documents and a self-contained index.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from xbench.errors import DataError  # noqa: E402
+from xbench.results.report import COLUMNS, KIND, configuration, environment_line, row  # noqa: E402
+from xbench.results.store import read_results  # noqa: E402
+
+
+def _series_label(doc: dict, drop: str) -> str:
+    """A line's name: the configuration without the axis being plotted."""
+    p = doc["params"]
+    parts = [KIND.get(doc["command"], doc["command"])]
+    if p.get("backend") and doc["command"] != "tokenize-bench":
+        parts.append(f"{p['backend']} {p.get('precision')}")
+    if drop != "batch":
+        parts.append(f"b{p.get('batch')}")
+    if drop != "concurrency" and p.get("concurrency") is not None:
+        parts.append(f"c{p['concurrency']}")
+    if p.get("tokenizer_workers") is not None and doc["command"] != "infer-bench":
+        parts.append(f"tw{p['tokenizer_workers']}" + ("+par" if p.get("parallelism") else ""))
+    if p.get("model_workers") is not None and doc["command"] != "tokenize-bench":
+        parts.append(f"mw{p['model_workers']}")
+    return " · ".join(parts)
+
+
+def _lines(docs: list[dict], axis: str) -> dict[str, list[tuple[float, dict]]]:
+    out: dict[str, list[tuple[float, dict]]] = defaultdict(list)
+    for d in docs:
+        x = d["params"].get(axis)
+        if x is not None:
+            out[_series_label(d, axis)].append((float(x), d))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len(v) >= 2}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_results(path: Path, out: Path) -> list[Path]:
+    docs = [d for d in read_results(path) if not d.get("error") and d.get("summary")]
+    if not docs:
+        raise DataError(f"{path}: no result documents to plot")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    by_conc = _lines(docs, "concurrency")
+    if by_conc:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        for label, pts in by_conc.items():
+            xs = [x for x, _ in pts]
+            ax1.plot(xs, [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", label=label)
+            for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+                ax2.plot(xs, [d["latency_ms"][q] for _, d in pts], style, marker="o", label=f"{label} {q}")
+        ax1.set(title="Throughput vs concurrency", xlabel="concurrent clients", ylabel="pairs/s")
+        ax2.set(title="Latency percentiles vs concurrency", xlabel="concurrent clients", ylabel="latency (ms)")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        written.append(_save(fig, out / "concurrency.png"))
+
+    by_batch = _lines(docs, "batch")
+    if by_batch:
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for label, pts in by_batch.items():
+            ax.plot([x for x, _ in pts], [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", label=label)
+        ax.set(title="Throughput vs batch size", xlabel="pairs per request", ylabel="pairs/s", xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "batch_size.png"))
+
+    tok = [d for d in docs if d["command"] == "tokenize-bench"]
+    if tok:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        for par in (False, True):
+            pts = sorted((d["params"]["tokenizer_workers"], d) for d in tok if bool(d["params"].get("parallelism")) == par)
+            if pts:
+                name = f"parallelism {'on' if par else 'off'}"
+                ax1.plot([w for w, _ in pts], [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", label=name)
+                ax2.plot([w for w, _ in pts], [d["latency_ms"]["p50"] for _, d in pts], marker="o", label=f"{name} p50")
+                ax2.plot([w for w, _ in pts], [d["latency_ms"]["p99"] for _, d in pts], ":", marker="o", label=f"{name} p99")
+        ax1.set(title="Tokenizer throughput vs workers", xlabel="tokenizer workers", ylabel="pairs/s")
+        ax2.set(title="Tokenizer latency vs workers", xlabel="tokenizer workers", ylabel="latency (ms)")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        written.append(_save(fig, out / "tokenizer_scaling.png"))
+
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(docs) + 1.5))
+    labels = [configuration(d) + (f" tw{d['params'].get('tokenizer_workers')}" if d["params"].get("tokenizer_workers") else "")
+              + (f" mw{d['params'].get('model_workers')}" if d["params"].get("model_workers") else "") for d in docs]
+    values = [d["summary"]["pairs_per_s"] for d in docs]
+    colors = [{"tokenize-bench": "tab:green", "infer-bench": "tab:orange", "pipeline-bench": "tab:blue"}.get(d["command"], "tab:gray")
+              for d in docs]
+    ax.barh(range(len(docs)), values, color=colors)
+    ax.set_yticks(range(len(docs)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(title="Throughput per configuration", xlabel="pairs/s", xscale="log" if max(values) > 50 * min(values) else "linear")
+    ax.grid(axis="x", alpha=0.3)
+    written.append(_save(fig, out / "configurations.png"))
+
+    written.append(_index(docs, written, out / "index.html"))
+    return written
+
+
+def _index(docs: list[dict], charts: list[Path], path: Path) -> Path:
+    """One self-contained page: the table and every chart (embedded, so the file travels alone)."""
+    env = docs[0].get("env", {})
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row(d)) + "</tr>" for d in docs)
+    imgs = "".join(
+        f'<figure><img alt="{c.stem}" src="data:image/png;base64,{base64.b64encode(c.read_bytes()).decode()}">'
+        f'<figcaption><a href="{c.name}">{c.name}</a></figcaption></figure>' for c in charts)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>xbench results</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body><h1>xbench results</h1><p>{html.escape(environment_line(env))}</p>
+<p>Model: {html.escape(str(docs[0].get('model', {}).get('name')))} (relevance_trained: {docs[0].get('model', {}).get('relevance_trained')})</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{imgs}</body></html>"""
+    path.write_text(page)
+    return path

@@ -2,7 +2,7 @@
 inference. The layer names map one to one onto the HF checkpoint's. On Apple Silicon it runs
 on the GPU; on Linux `mlx[cpu]` runs it on the CPU (correct but slow there).
 
-int8/int4: MLX affine quantization (group size 64) of the encoder's Linear layers; the
+int8/int4: MLX affine quantization (group size 64, or 32 for narrow models) of the encoder's Linear layers; the
 embeddings, pooler and 1-logit head stay in the base precision.
 """
 
@@ -142,8 +142,11 @@ def load_mlx_model(model_dir: str, precision: str) -> BertForSequenceClassificat
     model.load_weights(list(weights.items()), strict=True)
     model.set_dtype(DTYPES[precision])
     if precision in QUANT_BITS:
-        nn.quantize(model, group_size=64, bits=QUANT_BITS[precision],
-                    class_predicate=lambda path, m: isinstance(m, nn.Linear) and ".encoder." in f".{path}.")
+        # Group size 64 (MLX's default) where the input width allows it, else 32.
+        group = 64 if c["hidden_size"] % 64 == 0 and c["intermediate_size"] % 64 == 0 else 32
+        nn.quantize(model, group_size=group, bits=QUANT_BITS[precision],
+                    class_predicate=lambda path, m: isinstance(m, nn.Linear) and ".encoder." in f".{path}."
+                    and m.weight.shape[-1] % group == 0)
     mx.eval(model.parameters())
     return model
 

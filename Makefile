@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,mlx,baseline
 
-.PHONY: install demo test bench clean
+.PHONY: install demo study test bench clean
 
 install: $(VENV)/.installed
 
@@ -16,17 +16,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# A short sweep over tokenizer, model and pipeline on the embedded default model,
+# ending in a results table (results/demo/RUN/results.md) and charts (plots/index.html).
 demo: install
-	$(VENV)/bin/xbench tokenize-bench -b 128 -c 16 -d 5 --warmup 1 tokenizer_pool.parallelism=false
-	$(VENV)/bin/xbench tokenize-bench -b 128 -c 16 -d 5 --warmup 1 tokenizer_pool.parallelism=true
-	$(VENV)/bin/xbench infer-bench -b 32 -c 4 -d 15 --warmup 3
-	$(VENV)/bin/xbench pipeline-bench -b 32 -c 4 -d 15 --warmup 3
+	$(VENV)/bin/xbench sweep demo --new
+	$(VENV)/bin/xbench plot "$$(ls -d results/demo/*/ | tail -n 1)" -o plots
+
+# The whole reference study on this machine (about 15 minutes on 2 cores).
+study: install
+	$(VENV)/bin/xbench sweep --all
+	$(VENV)/bin/xbench plot "$$(ls -d results/study/*/ | tail -n 1)" -o plots
 
 test: install
 	$(PY) -m pytest -q
 
+# Performance targets (slow; outside the test suite).
 bench: install
 	$(PY) benchmarks/pipeline_overhead.py
+	$(PY) benchmarks/backends.py
+	$(PY) benchmarks/serve_vs_inprocess.py
 
 clean:
 	rm -rf $(VENV) results plots outputs multirun

@@ -57,6 +57,8 @@ def main(
     warmup: float = typer.Option(5.0, help="Seconds of warm-up load before each bench."),
     rounds: int = typer.Option(3, help="Rounds; each measures every variant once, so drift hits all alike."),
     requests: int = typer.Option(4, help="Requests of `batch` pairs in each raw-forward measurement."),
+    lone_batch: int = typer.Option(1, help="Pairs per request in the concurrency-1 latency comparison."),
+    lone_requests: int = typer.Option(150, help="Requests timed in the concurrency-1 latency comparison."),
     out: Path = typer.Option(Path("results/benchmarks/pipeline_overhead.json"), "--out", "-o"),
 ) -> None:
     cfg = compose_config([*(overrides or []), f"experiment.batch_sizes=[{batch}]",
@@ -87,8 +89,27 @@ def main(
                 stats = asyncio.run(generate(target.sender(workload, batch), load_spec(cfg, concurrency)))
                 samples[name].append(stats["summary"]["pairs_per_s"])
                 progress.advance(task)
+    # Concurrency 1: what the pipeline adds to a lone request over tokenizing and running it
+    # directly. The batcher must not hold an idle model back waiting for its timeout.
+    lone_direct, lone_pipeline = [], []
+    pipe = targets["pipeline-bench"].pipeline
+    tok = TokenizerPool(load_tokenizer(model.path, min(inst.max_length, model.max_position_embeddings)))
+    with console.status("concurrency 1 ..."):
+        for i in range(lone_requests):
+            pairs = workload.request(1000 + i, lone_batch).pairs
+            start = time.perf_counter()
+            enc = tok.encode(pairs)
+            for idx in plan_batches(enc.lengths, cfg.batching.max_batch_size, cfg.batching.max_batch_tokens, True):
+                backend.forward(*collate([enc.ids[k] for k in idx], [enc.type_ids[k] for k in idx]))
+            lone_direct.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pipe.submit(pairs).result()
+            lone_pipeline.append(time.perf_counter() - start)
+    tok.close()
     for target in targets.values():
         target.close()
+    lone = {"direct_p50_ms": 1000 * statistics.median(lone_direct), "pipeline_p50_ms": 1000 * statistics.median(lone_pipeline)}
+    lone["added_ms"] = lone["pipeline_p50_ms"] - lone["direct_p50_ms"]
 
     mean = {k: statistics.fmean(v) for k, v in samples.items()}
     raw = mean["raw_bucketed"]
@@ -111,8 +132,11 @@ def main(
     bucketing_gain = raw / mean["raw_naive"]
     console.print(f"pipeline-bench / raw forward = {pipeline_ratio:.3f} (target >= 0.90); "
                   f"bucketed / naive padding = {bucketing_gain:.2f}x")
+    console.print(f"concurrency 1, {lone_batch} pairs: direct p50 {lone['direct_p50_ms']:.1f} ms, pipeline p50 "
+                  f"{lone['pipeline_p50_ms']:.1f} ms: the pipeline adds {lone['added_ms']:.2f} ms (target < 2 ms)")
     write_json(out, {"env": environment(), "config": to_dict(cfg), "rounds": rounds, "samples_pairs_per_s": samples,
-                     "mean_pairs_per_s": mean, "pipeline_over_raw": pipeline_ratio, "bucketing_gain": bucketing_gain})
+                     "mean_pairs_per_s": mean, "pipeline_over_raw": pipeline_ratio, "bucketing_gain": bucketing_gain,
+                     "concurrency_1": lone})
     console.print(f"wrote {out}")
 
 

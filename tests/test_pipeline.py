@@ -92,3 +92,18 @@ def test_unreachable_hub_id_names_the_offline_default():
 def test_local_dir_without_config_is_rejected(tmp_path):
     with pytest.raises(ModelError, match="config.json"):
         resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_parallelism_switch_reaches_the_workers(tiny_model, mode):
+    import os
+
+    pool = TokenizerPool(load_tokenizer(tiny_model, 32), workers=1, parallelism=False, mode=mode)
+    try:
+        if mode == "process":
+            seen = pool._executor.submit(os.environ.get, "TOKENIZERS_PARALLELISM").result()
+        else:
+            seen = os.environ.get("TOKENIZERS_PARALLELISM")
+        assert seen == "false"
+    finally:
+        pool.close()

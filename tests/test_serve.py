@@ -196,6 +196,20 @@ def test_load_command_measures_the_server(server, tmp_path):
     assert set(doc["stages_ms"]) == {"queue", "tokenize", "infer"}  # read back from the timing headers
 
 
+def test_slo_search_finds_a_rate_that_meets_the_bound(server, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "xbench", "load", server.url, "--api", "cohere", "--api-key", KEY,
+                           "-b", "4", "-c", "2", "-d", "1", "--warmup", "0.2", "--slo", "p99_ms=5000", "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "highest rate meeting p99_ms=5000:" in proc.stdout and "requests/s" in proc.stdout
+    docs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    open_loop = [d for d in docs if d["load"]["mode"] == "open"]
+    assert len(open_loop) == 5 and all(d["load"]["target_rate"] > 0 for d in open_loop)
+    bad = subprocess.run([sys.executable, "-m", "xbench", "load", server.url, "--slo", "p42=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--slo" in bad.stderr
+
+
 def metric(server, name):
     for line in httpx.get(server.url + "/metrics", headers=server.headers).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):

@@ -211,9 +211,7 @@ def _print_report(folder: Path) -> None:
     from xbench.results.report import render_table
     from xbench.results.store import read_results
 
-    sources = [Path(p) for p in __import__("json").loads((folder / "runs.json").read_text())] \
-        if (folder / "runs.json").is_file() else [folder]
-    docs = sorted((d for s in sources for d in read_results(s)), key=lambda d: d["_path"])
+    docs = sorted(read_results(folder), key=lambda d: d["_path"])
     console.print(render_table(docs, title=f"{folder}"))
     console.print(f"[dim]report: {folder / 'results.md'}[/]")
 

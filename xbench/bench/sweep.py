@@ -175,13 +175,14 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
     return run_dir
 
 
-def write_report(run_dir: Path, sources: list[Path] | None = None, reference: bool = False) -> Path:
-    """results.md in `run_dir` from the documents under `sources` (default: run_dir itself)."""
+def write_report(run_dir: Path, reference: bool = False) -> Path:
+    """results.md in `run_dir` from the documents below it (for a study: its runs.json)."""
     from xbench.results.report import environment_line, markdown_table, reference_table
 
-    docs = sorted((d for src in (sources or [run_dir]) for d in read_results(src)), key=lambda d: d["_path"])
+    docs = sorted(read_results(run_dir), key=lambda d: d["_path"])
     env = next((d["env"] for d in docs if "env" in d), environment())
-    title = docs[0].get("experiment", run_dir.parent.name) if docs else run_dir.parent.name
+    title = ("Reproduction of the reference study" if reference
+             else docs[0].get("experiment", run_dir.parent.name) if docs else run_dir.parent.name)
     parts = [f"# {title}\n", f"Run `{run_dir.name}`, {time.strftime('%Y-%m-%d %H:%M')}.\n",
              f"**Machine:** {environment_line(env)}\n",
              "Model: the embedded default unless the config says otherwise (seeded head: scores are not "
@@ -204,5 +205,5 @@ def run_all(overrides: list[str], force: bool = False, data: str | None = None, 
             runs.append(run_sweep(name, overrides, force=force, data=data, launcher=launcher))
     finally:
         (study / "runs.json").write_text(json.dumps([str(r) for r in runs], indent=2))
-        write_report(study, sources=runs, reference=True)
+        write_report(study, reference=True)
     return study

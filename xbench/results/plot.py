@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from xbench.errors import DataError  # noqa: E402
-from xbench.results.report import COLUMNS, KIND, configuration, environment_line, row  # noqa: E402
+from xbench.results.report import COLUMNS, KIND, environment_line, row  # noqa: E402
 from xbench.results.store import read_results  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def _lines(docs: list[dict], axis: str) -> dict[str, list[tuple[float, dict]]]:
         x = d["params"].get(axis)
         if x is not None:
             out[_series_label(d, axis)].append((float(x), d))
-    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len(v) >= 2}
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len({x for x, _ in v}) >= 2}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -86,13 +86,18 @@ def plot_results(path: Path, out: Path) -> list[Path]:
     if tok:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
         for par in (False, True):
-            pts = sorted((d["params"]["tokenizer_workers"], d) for d in tok if bool(d["params"].get("parallelism")) == par)
+            # one point per worker count (a later run of the same point replaces an earlier one)
+            per_workers = {d["params"]["tokenizer_workers"]: d for d in tok if bool(d["params"].get("parallelism")) == par}
+            pts = sorted(per_workers.items(), key=lambda t: t[0])
             if pts:
-                name = f"parallelism {'on' if par else 'off'}"
-                ax1.plot([w for w, _ in pts], [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", label=name)
-                ax2.plot([w for w, _ in pts], [d["latency_ms"]["p50"] for _, d in pts], marker="o", label=f"{name} p50")
-                ax2.plot([w for w, _ in pts], [d["latency_ms"]["p99"] for _, d in pts], ":", marker="o", label=f"{name} p99")
+                name, color = f"parallelism {'on' if par else 'off'}", "tab:orange" if par else "tab:blue"
+                ws = [w for w, _ in pts]
+                ax1.plot(ws, [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", color=color, label=name)
+                ax2.plot(ws, [d["latency_ms"]["p50"] for _, d in pts], marker="o", color=color, label=f"{name} p50")
+                ax2.plot(ws, [d["latency_ms"]["p99"] for _, d in pts], ":", marker="o", color=color, label=f"{name} p99")
         ax1.set(title="Tokenizer throughput vs workers", xlabel="tokenizer workers", ylabel="pairs/s")
+        ax1.xaxis.get_major_locator().set_params(integer=True)
+        ax2.xaxis.get_major_locator().set_params(integer=True)
         ax2.set(title="Tokenizer latency vs workers", xlabel="tokenizer workers", ylabel="latency (ms)")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
@@ -100,8 +105,7 @@ def plot_results(path: Path, out: Path) -> list[Path]:
         written.append(_save(fig, out / "tokenizer_scaling.png"))
 
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(docs) + 1.5))
-    labels = [configuration(d) + (f" tw{d['params'].get('tokenizer_workers')}" if d["params"].get("tokenizer_workers") else "")
-              + (f" mw{d['params'].get('model_workers')}" if d["params"].get("model_workers") else "") for d in docs]
+    labels = [_series_label(d, drop="") for d in docs]
     values = [d["summary"]["pairs_per_s"] for d in docs]
     colors = [{"tokenize-bench": "tab:green", "infer-bench": "tab:orange", "pipeline-bench": "tab:blue"}.get(d["command"], "tab:gray")
               for d in docs]

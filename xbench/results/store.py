@@ -93,9 +93,12 @@ def _jsonable(x: Any) -> Any:
 
 
 def read_results(path: str | Path) -> list[dict]:
-    """Every result document in a file or below a folder (by file name order)."""
+    """Every result document in a file or below a folder (by file name order). A study folder
+    of `xbench sweep --all` lists its run folders in runs.json; those are read too."""
     p = Path(path)
     files = sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    if p.is_dir() and (p / "runs.json").is_file():
+        files += sorted(f for run in json.loads((p / "runs.json").read_text()) for f in Path(run).rglob("*.json"))
     docs = []
     for f in files:
         try:

@@ -101,7 +101,7 @@ def test_parallelism_switch_reaches_the_workers(tiny_model, mode):
     pool = TokenizerPool(load_tokenizer(tiny_model, 32), workers=1, parallelism=False, mode=mode)
     try:
         if mode == "process":
-            seen = pool._executor.submit(os.environ.get, "TOKENIZERS_PARALLELISM").result()
+            seen = pool._executor.submit(os.getenv, "TOKENIZERS_PARALLELISM").result()
         else:
             seen = os.environ.get("TOKENIZERS_PARALLELISM")
         assert seen == "false"

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xbench.backends import Backend, normalize
-from xbench.core.batcher import Batcher, ModelBatch, PendingRequest, RerankResult, collate
+from xbench.core.batcher import Batcher, ModelBatch, PendingRequest, RerankResult
 from xbench.core.model_pool import ModelPool
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool, load_tokenizer
 from xbench.models import ResolvedModel, resolve_model
@@ -135,4 +135,4 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-__all__ = ["Pipeline", "RerankResult", "collate", "sigmoid", "warmup_backend"]
+__all__ = ["Pipeline", "RerankResult", "sigmoid", "warmup_backend"]

@@ -295,7 +295,7 @@ def backends_matrix() -> None:
                     cells.append("[dim]no device[/]")
                 else:
                     cells.append("[green]yes[/]")
-            note = f"pip install 'xbench[{spec.extra}]'" if missing and spec.extra else spec.summary
+            note = spec.install_hint(missing) if missing else spec.summary
             table.add_row(spec.name, device, *cells, note)
     console.print(table)
     console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · -: not supported[/]")

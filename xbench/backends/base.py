@@ -48,12 +48,18 @@ class BackendSpec:
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
+    def install_hint(self, missing: list[str]) -> str:
+        return f"pip install 'xbench[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
+
     def load_class(self) -> type:
         if missing := self.missing():
-            hint = f"pip install 'xbench[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
-            raise BackendUnavailable(f"backend {self.name!r} needs {', '.join(missing)}: {hint}")
+            raise BackendUnavailable(f"backend {self.name!r} needs {', '.join(missing)}: {self.install_hint(missing)}")
         module, cls = self.target.split(":")
-        return getattr(importlib.import_module(module), cls)
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except ImportError as exc:  # installed but broken, e.g. mlx without its CPU library on Linux
+            raise BackendUnavailable(f"backend {self.name!r} cannot be imported ({exc}): "
+                                     f"{self.install_hint(list(self.requires))}") from None
 
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")

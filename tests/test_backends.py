@@ -1,8 +1,6 @@
 """Every backend computes the same model: scores against the PyTorch fp32 reference on the same
 weights and the same default-workload pairs."""
 
-import os
-
 import numpy as np
 import pytest
 from scipy.stats import spearmanr

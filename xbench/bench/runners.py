@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from xbench.bench.load import LoadSpec, Send, Sent, generate
 from xbench.config import to_dict
 from xbench.core.pipeline import Pipeline
-from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer
+from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import ResolvedModel, resolve_model
 from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, run_id, write_json
 from xbench.workload import Workload

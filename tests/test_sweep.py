@@ -110,3 +110,24 @@ def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, t
     assert same["pairs_ratio"] == pytest.approx(1.02) and not same["regression"]
     proc = xbench("compare", str(a), str(b), "--fail-on-regression", cwd=cwd)
     assert proc.returncode == 1 and "regression" in proc.stdout
+
+
+def test_ctrl_c_keeps_finished_points_and_writes_the_report(tmp_path, tiny_overrides):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "xbench", "sweep", "09_concurrency", *tiny_overrides,
+                             "experiment.duration_s=1", "experiment.warmup_s=0", "experiment.batch_sizes=[4]",
+                             "experiment.concurrency_levels=[1,2,3,4,5,6]"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "results").rglob("*.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    folder = run_dir(tmp_path, "09_concurrency")
+    finished = list(folder.glob("*.json"))
+    assert 1 <= len(finished) < 6
+    assert all(json.loads(p.read_text())["summary"]["requests"] > 0 for p in finished)
+    assert (folder / "results.md").read_text().count("| Full pipeline") == len(finished)

@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 from xbench.backends import create_backend
 from xbench.bench.runners import progress_bar
 from xbench.config import compose_config
-from xbench.core.batcher import collate, plan_batches
+from xbench.core.batcher import padded_batches
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model
@@ -51,8 +51,7 @@ def main(
     tok = TokenizerPool(load_tokenizer(resolved.path, 512))
     enc = tok.encode(text_pairs)
     tok.close()
-    plan = plan_batches(enc.lengths, batch, 10**9, bucketing=True)
-    batches = [(idx, collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx])) for idx in plan]
+    batches = padded_batches(enc, batch)
     fid_idx = np.arange(min(fidelity_pairs, pairs))
 
     def run_all(backend) -> tuple[np.ndarray, float]:

@@ -26,7 +26,7 @@ from xbench.backends import create_backend
 from xbench.bench.load import generate
 from xbench.bench.runners import InferTarget, PipelineTarget, load_spec, progress_bar
 from xbench.config import compose_config, to_dict
-from xbench.core.batcher import collate, plan_batches
+from xbench.core.batcher import padded_batches
 from xbench.core.model_pool import threads_per_worker
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
@@ -38,10 +38,8 @@ console = Console(width=140)
 
 
 def raw_forward_pairs_per_s(backend, encoded, cfg, bucketing: bool) -> float:
-    batches = []
-    for enc in encoded:
-        for idx in plan_batches(enc.lengths, cfg.batching.max_batch_size, cfg.batching.max_batch_tokens, bucketing):
-            batches.append(collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx]))
+    batches = [arrays for enc in encoded
+               for _, arrays in padded_batches(enc, cfg.batching.max_batch_size, cfg.batching.max_batch_tokens, bucketing)]
     pairs = sum(len(e.ids) for e in encoded)
     start = time.perf_counter()
     for ids, mask, types in batches:
@@ -98,9 +96,8 @@ def main(
         for i in range(lone_requests):
             pairs = workload.request(1000 + i, lone_batch).pairs
             start = time.perf_counter()
-            enc = tok.encode(pairs)
-            for idx in plan_batches(enc.lengths, cfg.batching.max_batch_size, cfg.batching.max_batch_tokens, True):
-                backend.forward(*collate([enc.ids[k] for k in idx], [enc.type_ids[k] for k in idx]))
+            for _, arrays in padded_batches(tok.encode(pairs), cfg.batching.max_batch_size, cfg.batching.max_batch_tokens):
+                backend.forward(*arrays)
             lone_direct.append(time.perf_counter() - start)
             start = time.perf_counter()
             pipe.submit(pairs).result()

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from xbench.backends import create_backend
 from xbench.config import ModelInstanceConfig
-from xbench.core.batcher import collate, plan_batches
+from xbench.core.batcher import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model
 from xbench.results.store import environment, write_json
@@ -37,8 +37,7 @@ def main() -> None:
     tok = TokenizerPool(load_tokenizer(model.path, 512))
     enc = tok.encode(synthetic(4096, seed=0).pairs(256))
     tok.close()
-    batches = [(idx, collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx]))
-               for idx in plan_batches(enc.lengths, 128, 10**9, bucketing=True)]
+    batches = padded_batches(enc, 128)
 
     def run(backend: str, precision: str, device: str) -> tuple[np.ndarray, float, float]:
         t0 = time.perf_counter()

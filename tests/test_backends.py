@@ -7,7 +7,7 @@ from scipy.stats import spearmanr
 
 from xbench.backends import REGISTRY, available_devices, create_backend
 from xbench.config import ModelInstanceConfig, compose_config
-from xbench.core.batcher import collate, plan_batches
+from xbench.core.batcher import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.errors import ConfigError
 from xbench.models import resolve_model
@@ -34,8 +34,7 @@ def batches_for(model_dir, n, batch=32):
     tok = TokenizerPool(load_tokenizer(model_dir, 512))
     enc = tok.encode(synthetic(4096, seed=0).pairs(n))
     tok.close()
-    return [(idx, collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx]))
-            for idx in plan_batches(enc.lengths, batch, 10**9, bucketing=True)]
+    return padded_batches(enc, batch)
 
 
 def scores(model_dir, backend, precision, batches, n):

@@ -133,6 +133,14 @@ def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int,
     return batches
 
 
+def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9,
+                   bucketing: bool = True) -> list[tuple[list[int], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Pre-tokenized pairs cut and padded as the batcher would: (positions, (ids, mask, types)) per
+    batch. For measuring a backend alone, or scoring a fixed set of pairs, outside the pipeline."""
+    return [(idx, collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx]))
+            for idx in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing)]
+
+
 def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids)."""
     rows, width = len(ids), max(len(x) for x in ids)

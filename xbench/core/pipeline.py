@@ -7,6 +7,7 @@ others because the pools run on their own threads.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -75,7 +76,7 @@ class Pipeline:
         """Score pairs that are already tokenized (infer-bench: the model stage alone)."""
         now = time.perf_counter()
         result: Future[RerankResult] = Future()
-        self._enqueue(Encoded(encoded.ids, encoded.type_ids, 0.0), now, now, result, expected=False)
+        self._enqueue(dataclasses.replace(encoded, tokenize_s=0.0), now, now, result, expected=False)
         return result
 
     @staticmethod

@@ -1,6 +1,8 @@
 """Every backend computes the same model: scores against the PyTorch fp32 reference on the same
 weights and the same default-workload pairs."""
 
+import shutil
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -13,6 +15,8 @@ from xbench.errors import ConfigError
 from xbench.models import resolve_model
 from xbench.workload import synthetic
 
+from conftest import write_tiny_bert
+
 # (backend, precision, bar): ("abs", tol) = max |logit diff|; ("rho", r) = Spearman >= r
 FIDELITY = [
     ("compiled", "fp32", ("abs", 1e-4)),
@@ -23,6 +27,7 @@ FIDELITY = [
     ("compiled", "bf16", ("rho", 0.99)),
     ("mlx", "bf16", ("rho", 0.99)),
     ("pytorch", "int8", ("rho", 0.95)),
+    ("pytorch", "int4", ("rho", 0.0)),
     ("onnx", "int8", ("rho", 0.95)),
     ("mlx", "int8", ("rho", 0.95)),
     ("onnx", "int4", ("rho", 0.0)),  # no bar yet: must run and correlate positively
@@ -105,7 +110,9 @@ def test_default_model_matches_the_fp32_reference(default_setup, backend, precis
     (["model_pool.instances.0.backend=mlx", "model_pool.instances.0.device=cuda"], "runs on cpu, mps"),
     (["model_pool.instances.0.backend=compiled", "model_pool.instances.0.quantization=int4"], "supports fp32, bf16, fp16"),
     (["model_pool.instances.0.backend=onnx", "model_pool.instances.0.quantization=fp16"], "fp16 only on cuda"),
-    (["model_pool.instances.0.backend=pytorch", "model_pool.instances.0.quantization=int4"], "supports fp32, fp16, bf16, int8"),
+    (["model_pool.instances.0.backend=pytorch", "model_pool.instances.0.device=mps",
+      "model_pool.instances.0.quantization=int4"], "runs int4 only on cpu"),
+    (["model_pool.instances.0.backend=compiled", "model_pool.instances.0.quantization=int8"], "supports fp32, bf16, fp16"),
 ])
 def test_unsupported_combinations_fail_at_config_time(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -121,6 +128,51 @@ def test_corrupt_cached_onnx_is_rebuilt(tiny_model, tmp_path, monkeypatch):
     path.write_bytes(b"not an onnx file")
     assert ensure_onnx(tiny_model, "fp32") == path
     assert path.stat().st_size == good
+
+
+def test_onnx_cache_is_keyed_by_weights_not_by_folder(tiny_model, tmp_path, monkeypatch):
+    from xbench.backends.onnx_backend import onnx_path
+
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path))
+    copy = shutil.copytree(tiny_model, tmp_path / "elsewhere" / tiny_model.name)
+    assert onnx_path(copy, "fp32") == onnx_path(tiny_model, "fp32")
+    other = write_tiny_bert(tmp_path / "other" / tiny_model.name, seed=1)
+    assert onnx_path(other, "fp32") != onnx_path(tiny_model, "fp32")
+
+
+def test_onnx_graphs_are_fused_and_quantized(tiny_model):
+    """The export is fused by ORT's transformer optimizer; int8 quantizes the fused attention too,
+    and the fp16 graph (CUDA only, so not run here) is a valid graph with fp16 weights."""
+    import onnx
+
+    from xbench.backends.onnx_backend import ensure_onnx, fused_op_counts
+
+    fp32 = fused_op_counts(ensure_onnx(tiny_model, "fp32"))
+    assert fp32 == {"EmbedLayerNormalization": 1, "Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}
+    assert fused_op_counts(ensure_onnx(tiny_model, "int8")).get("QAttention") == 2
+    fp16 = onnx.load(str(ensure_onnx(tiny_model, "fp16")))
+    onnx.checker.check_model(fp16)
+    types = {t.data_type for t in fp16.graph.initializer if t.dims and np.prod(t.dims) > 64}
+    assert types == {onnx.TensorProto.FLOAT16}
+
+
+def test_compiled_backend_compiles_one_graph_for_every_shape(tiny_model):
+    """Dynamic shapes, lone rows doubled: batch sizes 1..32 and lengths 3..200 share one graph."""
+    from torch._dynamo.utils import counters
+
+    b = create_backend(ModelInstanceConfig(backend="compiled"), str(tiny_model), threads=2)
+    ref = create_backend(ModelInstanceConfig(backend="pytorch"), str(tiny_model), threads=2)
+    rng = np.random.default_rng(0)
+    graphs = []  # after each call; the first call compiles (or reuses an earlier test's graph)
+    for rows, seq in [(32, 40), (1, 20), (7, 3), (1, 200), (2, 64), (32, 77)]:
+        ids = rng.integers(1000, 2000, size=(rows, seq))
+        arrays = (ids, np.ones_like(ids), np.zeros_like(ids))
+        got = b.forward(*arrays)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert got.shape == (rows,)
+        assert np.abs(got - ref.forward(*arrays)).max() < 1e-4
+    assert len(set(graphs)) == 1, f"recompiled: graph count went {graphs}"
+    assert "compile_s" in b.describe()
 
 
 def test_every_registered_backend_declares_what_it_supports():

@@ -15,11 +15,11 @@ from xbench.backends.base import (
 register(BackendSpec(
     name="pytorch",
     target="xbench.backends.torch_backend:TorchBackend",
-    precisions=("fp32", "fp16", "bf16", "int8"),
+    precisions=("fp32", "fp16", "bf16", "int8", "int4"),
     devices=("cpu", "cuda", "mps"),
     requires=("torch", "transformers"),
-    summary="PyTorch eager, SDPA attention; int8 = dynamic, per-channel weights (CPU)",
-    limits=(("int8", ("cpu",)),),
+    summary="PyTorch eager, SDPA attention; int8 = dynamic, per-channel weights; int4 = weight-only, groups of 32 (CPU)",
+    limits=(("int8", ("cpu",)), ("int4", ("cpu",))),
 ))
 register(BackendSpec(
     name="compiled",
@@ -27,7 +27,7 @@ register(BackendSpec(
     precisions=("fp32", "bf16", "fp16"),
     devices=("cpu", "cuda"),
     requires=("torch", "transformers"),
-    summary="torch.compile (inductor), dynamic shapes, lengths padded to multiples of 16",
+    summary="torch.compile (inductor), one dynamic-shape graph, lengths padded to multiples of 16",
     limits=(("fp16", ("cuda",)),),
 ))
 register(BackendSpec(
@@ -37,7 +37,7 @@ register(BackendSpec(
     devices=("cpu", "cuda"),
     requires=("onnxruntime", "onnx"),
     extra="onnx",
-    summary="ONNX Runtime; cached export; int8 dynamic per-channel (CPU), int4 MatMulNBits; fp16 on CUDA",
+    summary="ONNX Runtime; cached, fused export; int8 dynamic per-channel (CPU), int4 MatMulNBits; fp16 on CUDA",
     limits=(("fp16", ("cuda",)), ("int8", ("cpu",))),
 ))
 register(BackendSpec(

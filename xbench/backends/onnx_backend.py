@@ -1,9 +1,13 @@
 """ONNX Runtime backend. The model is exported once and cached on disk, keyed by the
-model's weights, the precision and the opset; a cached file that fails to load is rebuilt.
+content of its weights and config, the precision, the opset and the graph recipe; a cached file
+that fails to load is rebuilt.
 
-fp32: the plain export. int8: dynamic quantization (per-channel weights, activations per
-batch) of the MatMuls, pooler and head kept in fp32. int4: weight-only MatMulNBits (block
-32). fp16: converted graph, on the CUDA provider only (CPU kernels for fp16 are scarce).
+fp32: exported with eager attention, then fused by ONNX Runtime's transformer optimizer
+(EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu) where the architecture
+matches BERT's patterns; other architectures keep the plain graph. int8: dynamic quantization
+(per-channel weights, activations per batch) of the MatMuls and fused Attention, pooler and head
+kept in fp32. int4: weight-only MatMulNBits (block 32). fp16: the fused graph converted, on the
+CUDA provider only (CPU kernels for fp16 are scarce).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,74 +28,92 @@ from xbench.models import cache_dir
 
 log = logging.getLogger(__name__)
 OPSET = 17
+# Bumped whenever the export or fusion recipe changes, so old cached graphs are not reused.
+RECIPE = "fused1"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+FUSED_OPS = ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu", "QAttention")
 
 
 def _weights_key(model_dir: Path) -> str:
+    """Hash of the files that define the computation: same weights, same cached graph,
+    wherever the folder lives."""
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
         p = model_dir / name
         if p.is_file():
-            st = p.stat()
-            h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    h.update(str(model_dir.resolve()).encode())
+            h.update(name.encode())
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
     return h.hexdigest()[:16]
 
 
 def onnx_path(model_dir: Path, precision: str) -> Path:
-    return cache_dir() / "onnx" / f"{model_dir.name}-{_weights_key(model_dir)}" / f"model-{precision}-opset{OPSET}.onnx"
+    folder = f"{model_dir.name}-{_weights_key(model_dir)}"
+    return cache_dir() / "onnx" / folder / f"model-{precision}-opset{OPSET}-{RECIPE}.onnx"
 
 
-def _export_fp32(model_dir: Path, out: Path) -> None:
+def _export_fp32(model_dir: Path, out: Path, tmp: Path) -> None:
     import torch
+    from onnxruntime.transformers.optimizer import optimize_model
 
     from xbench.backends.torch_backend import load_torch_model
 
-    model = load_torch_model(str(model_dir))
+    # Eager attention, not SDPA: its MatMul/Softmax pattern is what ORT's fusion recognizes.
+    model = load_torch_model(str(model_dir), attention="eager")
+    raw = tmp / "raw.onnx"
     dummy = tuple(torch.ones((2, 16), dtype=torch.int64) for _ in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
     axes["logits"] = {0: "batch"}
-    with torch.inference_mode():
-        torch.onnx.export(model, dummy, str(out), input_names=list(INPUTS), output_names=["logits"],
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches: shapes stay dynamic
+        torch.onnx.export(model, dummy, str(raw), input_names=list(INPUTS), output_names=["logits"],
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    cfg = model.config
+    fused = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
+                           hidden_size=cfg.hidden_size, opt_level=1)
+    fused.save_model_to_file(str(out))
+
+
+def _head_nodes(graph) -> list[str]:
+    """Nodes of the pooler and the 1-logit head: kept in fp32 by every quantizer (their rounding
+    error reaches the score directly)."""
+    return [n.name for n in graph.graph.node if "pooler" in n.name or "classifier" in n.name]
 
 
 def _build(model_dir: Path, precision: str, out: Path) -> None:
     """Write the ONNX file of `precision` to `out` (atomically, via a temp folder)."""
+    import onnx
+
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        fp32 = ensure_onnx(model_dir, "fp32") if precision != "fp32" else tmp / "fp32.onnx"
+        built = tmp / f"{precision}.onnx"
         if precision == "fp32":
-            _export_fp32(model_dir, fp32)
-            built = fp32
-        elif precision == "int8":
+            _export_fp32(model_dir, built, tmp)
+        else:
+            fp32 = ensure_onnx(model_dir, "fp32")
+            graph = onnx.load(str(fp32))
+        if precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            built = tmp / "int8.onnx"
-            import onnx
-
-            graph = onnx.load(str(fp32))
-            keep = [n.name for n in graph.graph.node if "pooler" in n.name or "classifier" in n.name]
             quantize_dynamic(str(fp32), str(built), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
+                             op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=_head_nodes(graph),
+                             # fused contrib ops have no shape inference: their outputs are fp32
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         elif precision == "int4":
-            import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-            graph = onnx.load(str(fp32))
-            keep = [n.name for n in graph.graph.node if "pooler" in n.name or "classifier" in n.name]
-            quant = MatMulNBitsQuantizer(graph, block_size=32, is_symmetric=True, nodes_to_exclude=keep,
+            quant = MatMulNBitsQuantizer(graph, block_size=32, is_symmetric=True, nodes_to_exclude=_head_nodes(graph),
                                          algo_config=DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True))
             quant.process()
-            built = tmp / "int4.onnx"
             quant.model.save_model_to_file(str(built), use_external_data_format=False)
         elif precision == "fp16":
-            import onnx
-            from onnxruntime.transformers.float16 import convert_float_to_float16
+            from onnxruntime.transformers.onnx_model import OnnxModel
 
-            built = tmp / "fp16.onnx"
-            onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(built))
-        else:
+            model = OnnxModel(graph)
+            model.convert_float_to_float16(keep_io_types=True)
+            model.save_model_to_file(str(built))
+        elif precision != "fp32":
             raise ValueError(precision)
         os.replace(built, out)
     finally:
@@ -137,6 +161,7 @@ class OnnxBackend:
 
             raise BackendUnavailable("backend 'onnx' on cuda needs onnxruntime-gpu (pip install onnxruntime-gpu)")
         self._names = {i.name for i in self.session.get_inputs()}
+        self.fused_ops = fused_op_counts(self.path)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
@@ -147,4 +172,13 @@ class OnnxBackend:
         import onnxruntime as ort
 
         return {"engine": "onnxruntime", "onnxruntime": ort.__version__, "threads": self.threads,
-                "providers": self.providers, "precision": self.precision, "onnx_file": str(self.path)}
+                "providers": self.providers, "precision": self.precision, "onnx_file": str(self.path),
+                "fused_ops": self.fused_ops}
+
+
+def fused_op_counts(path: Path) -> dict[str, int]:
+    """How many of ORT's fused transformer ops the cached graph holds (empty: unfused)."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return {op: ops[op] for op in FUSED_OPS if ops[op]}

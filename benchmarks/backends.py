@@ -4,7 +4,8 @@ In one process, on the same pre-tokenized default-workload pairs, batch 32 (leng
 as the batcher cuts them): pairs/s of each path, its ratio to the baseline (CrossEncoder.predict
 at fp32, batch 32, same weights) measured in the same run, and its fidelity against the PyTorch
 fp32 reference (max |score diff| of logits, Spearman). Rounds are interleaved so drift hits
-every path alike. Prints a rich table and writes JSON.
+every path alike. First it times one FFN-shaped GEMM per precision (`xbench backends --measure`):
+the ceiling each precision can reach on this CPU. Prints rich tables and writes JSON.
 
     python benchmarks/backends.py [--pairs 1024] [--rounds 2] [--paths pytorch:fp32,onnx:int8,...]
 """
@@ -22,16 +23,20 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 from xbench.backends import create_backend
+from xbench.bench.ceilings import ceilings_table, cpu_features, gemm_ceilings
 from xbench.bench.runners import progress_bar
 from xbench.config import compose_config
 from xbench.core.batcher import padded_batches
+from xbench.core.model_pool import threads_per_worker
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model
 from xbench.results.store import environment, write_json
 from xbench.workload import synthetic
 
-DEFAULT_PATHS = "pytorch:fp32,pytorch:bf16,pytorch:fp16,pytorch:int8,compiled:fp32,compiled:bf16,onnx:fp32,onnx:int8,onnx:int4"
+# fp16 on CPU is left out: without AVX-512 FP16 it runs as slowly as emulated bf16 (GPU check covers it).
+DEFAULT_PATHS = ("pytorch:fp32,pytorch:bf16,pytorch:int8,pytorch:int4,compiled:fp32,compiled:bf16,"
+                 "onnx:fp32,onnx:int8,onnx:int4")
 console = Console(width=150)
 
 
@@ -46,6 +51,10 @@ def main(
 ) -> None:
     from sentence_transformers import CrossEncoder
 
+    threads = threads_per_worker(1, None)
+    with console.status("timing one GEMM per precision ..."):
+        ceilings = gemm_ceilings(threads)
+    console.print(ceilings_table(ceilings, threads))
     resolved = resolve_model(model)
     text_pairs = synthetic(max(pairs, 4096), seed=0).pairs(pairs)
     tok = TokenizerPool(load_tokenizer(resolved.path, 512))
@@ -71,7 +80,7 @@ def main(
             inst = cfg.model_pool.instances[0].copy()
             inst.backend, inst.quantization = backend_name, precision
             t0 = time.perf_counter()
-            b = create_backend(inst, str(resolved.path), threads=len(__import__("os").sched_getaffinity(0)))
+            b = create_backend(inst, str(resolved.path), threads=threads)
             warmup_backend(b)
             loaded[spec] = b
             console.log(f"{spec}: ready in {time.perf_counter() - t0:.1f}s (load + warm-up/compile)")
@@ -109,7 +118,7 @@ def main(
                       "" if diff is None else f"{diff:.1e}", "" if rho is None else f"{rho:.4f}")
     console.print(table)
     write_json(out, {"env": environment(), "model": resolved.info(), "pairs": pairs, "batch": batch, "rounds": rounds,
-                     "baseline": {"name": "sentence_transformers.CrossEncoder.predict fp32", "pairs_per_s": speed["baseline"],
+                     "cpu_features": cpu_features(), "gemm_ceilings_gops": ceilings, "baseline": {"name": "sentence_transformers.CrossEncoder.predict fp32", "pairs_per_s": speed["baseline"],
                                   "mean_pairs_per_s": base}, "paths": rows})
     console.print(f"wrote {out}")
 

@@ -9,7 +9,13 @@ OUT=${GPU_RESULTS:-results/gpu}
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 "$PY" scripts/gpu_check.py
-for path in pytorch:fp32 pytorch:fp16 pytorch:bf16 compiled:fp16; do
+paths="pytorch:fp32 pytorch:fp16 pytorch:bf16 compiled:fp16"
+if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+  paths="$paths onnx:fp16"
+else
+  echo "onnx on cuda skipped: onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+fi
+for path in $paths; do
   backend=${path%%:*}; precision=${path##*:}
   "$PY" -m xbench pipeline-bench -b 128 -c 16 -d 15 --warmup 5 -o "$OUT/pipeline-$backend-$precision.json" \
     model_pool.instances.0.backend="$backend" model_pool.instances.0.device=cuda \

@@ -190,3 +190,26 @@ def test_cuda_paths_match_the_fp32_reference(tiny_setup, backend, precision):
     for idx, arrays in batches:
         got[idx] = b.forward(*arrays)
     check(got, ref, ("rho", 0.99), f"{backend} {precision} cuda")
+
+
+def test_backends_command_prints_the_matrix():
+    from typer.testing import CliRunner
+
+    from xbench.cli import app
+
+    result = CliRunner().invoke(app, ["backends"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip() + ":" + line.split("│")[2].strip(): line
+            for line in result.output.splitlines() if line.count("│") > 3}
+    assert "yes" in rows["pytorch:cpu"] and "yes" in rows["onnx:cpu"]
+    assert rows["pytorch:cpu"].count("yes") == 5  # fp32 fp16 bf16 int8 int4
+
+
+def test_gemm_ceilings_time_every_precision():
+    from xbench.bench.ceilings import MATRIX_FEATURES, ceilings_table, cpu_features, gemm_ceilings
+
+    rates = gemm_ceilings(threads=1, min_s=0.0, rows=16)
+    assert list(rates) == ["fp32", "bf16", "fp16", "int8", "int4"]
+    assert all(r > 0 for r in rates.values())
+    assert set(cpu_features()) <= set(MATRIX_FEATURES)
+    assert ceilings_table(rates, threads=1, rows=16).row_count == 5

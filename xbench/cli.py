@@ -262,7 +262,10 @@ def show_config(
 
 
 @app.command("backends")
-def backends_matrix() -> None:
+def backends_matrix(
+    measure: bool = typer.Option(False, "--measure", help="Also time one FFN-shaped GEMM per precision on this "
+                                 "CPU: the ceiling each precision's speed-up can reach here (about 20 s)."),
+) -> None:
     """Print which backend x precision x device combinations this machine can run."""
     from rich.table import Table
 
@@ -299,6 +302,18 @@ def backends_matrix() -> None:
             table.add_row(spec.name, device, *cells, note)
     console.print(table)
     console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · -: not supported[/]")
+    if measure:
+        print_gemm_ceilings()
+
+
+def print_gemm_ceilings() -> None:
+    from xbench.bench.ceilings import ceilings_table, gemm_ceilings
+    from xbench.core.model_pool import threads_per_worker
+
+    threads = threads_per_worker(1, None)
+    with console.status("timing one GEMM per precision ..."):
+        rates = gemm_ceilings(threads)
+    console.print(ceilings_table(rates, threads))
 
 
 @app.command("score")

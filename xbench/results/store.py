@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import xbench
+from xbench.bench.ceilings import cpu_features
 
 SCHEMA_VERSION = 1
 RESULTS_DIR = Path("results")
@@ -34,6 +35,7 @@ def _static_env() -> dict[str, Any]:
     env: dict[str, Any] = {
         "cpu": _cpu_name(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_features": cpu_features(),
         "machine": platform.machine(),
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -60,12 +60,12 @@ def test_rerunning_a_sweep_resumes_and_force_remeasures(two_point_sweep):
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_overrides):
     proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.concurrency_levels=[1]",
-                  "experiment.batch_sizes=[4]", "model_pool.instances.0.quantization=fp32,int4",
-                  cwd=tmp_path)
+                  "experiment.batch_sizes=[4]", "model_pool.instances.0.backend=onnx",
+                  "model_pool.instances.0.quantization=fp32,bf16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     docs = [json.loads(p.read_text()) for p in run_dir(tmp_path, "09_concurrency").glob("*.json")]
     failed = [d for d in docs if d.get("error")]
-    assert len(docs) == 2 and len(failed) == 1 and "int4" in failed[0]["error"]
+    assert len(docs) == 2 and len(failed) == 1 and "bf16" in failed[0]["error"]
     assert "failed" in (run_dir(tmp_path, "09_concurrency") / "results.md").read_text()
 
 

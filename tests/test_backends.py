@@ -213,3 +213,18 @@ def test_gemm_ceilings_time_every_precision():
     assert all(r > 0 for r in rates.values())
     assert set(cpu_features()) <= set(MATRIX_FEATURES)
     assert ceilings_table(rates, threads=1, rows=16).row_count == 5
+
+
+def test_large_models_keep_their_onnx_weights_in_a_side_file(tiny_setup, tmp_path, monkeypatch):
+    """Past EXTERNAL_DATA_BYTES (protobuf's 2 GiB cap) the weights go to `<file>.data` beside the
+    graph; the cached pair loads and computes the same scores."""
+    from xbench.backends import onnx_backend
+
+    model_dir, batches, ref = tiny_setup
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(onnx_backend, "EXTERNAL_DATA_BYTES", 0)
+    for precision, bar in (("fp32", ("abs", 1e-4)), ("int8", TINY_INT8_BAR)):
+        check(scores(model_dir, "onnx", precision, batches, 256), ref, bar, f"onnx {precision} external data")
+        path = onnx_backend.onnx_path(model_dir, precision)
+        assert path.with_name(path.name + ".data").stat().st_size > path.stat().st_size
+    assert not list(tmp_path.rglob(".build-*"))  # the temp folders are gone

@@ -31,6 +31,9 @@ OPSET = 17
 # Bumped whenever the export or fusion recipe changes, so old cached graphs are not reused.
 RECIPE = "fused1"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Weights past this size go to a side file `<name>.data`: protobuf caps one file at 2 GiB, and
+# large rerankers (e.g. XLM-R large, 2.2 GB in fp32) pass it.
+EXTERNAL_DATA_BYTES = 1 << 30
 FUSED_OPS = ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu", "QAttention")
 
 
@@ -53,6 +56,11 @@ def onnx_path(model_dir: Path, precision: str) -> Path:
     return cache_dir() / "onnx" / folder / f"model-{precision}-opset{OPSET}-{RECIPE}.onnx"
 
 
+def _external_data(model_dir: Path) -> bool:
+    weights = model_dir / "model.safetensors"
+    return weights.is_file() and weights.stat().st_size > EXTERNAL_DATA_BYTES
+
+
 def _export_fp32(model_dir: Path, out: Path, tmp: Path) -> None:
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
@@ -72,7 +80,7 @@ def _export_fp32(model_dir: Path, out: Path, tmp: Path) -> None:
     cfg = model.config
     fused = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
                            hidden_size=cfg.hidden_size, opt_level=1)
-    fused.save_model_to_file(str(out))
+    fused.save_model_to_file(str(out), use_external_data_format=_external_data(model_dir))
 
 
 def _head_nodes(graph) -> list[str]:
@@ -82,12 +90,14 @@ def _head_nodes(graph) -> list[str]:
 
 
 def _build(model_dir: Path, precision: str, out: Path) -> None:
-    """Write the ONNX file of `precision` to `out` (atomically, via a temp folder)."""
+    """Write the ONNX file of `precision` to `out` (atomically, via a temp folder), with its
+    weights in `out.name + ".data"` beside it when the model is large."""
     import onnx
 
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    external = _external_data(model_dir)
     try:
-        built = tmp / f"{precision}.onnx"
+        built = tmp / out.name  # same name: a side file's recorded location stays valid
         if precision == "fp32":
             _export_fp32(model_dir, built, tmp)
         else:
@@ -99,22 +109,25 @@ def _build(model_dir: Path, precision: str, out: Path) -> None:
             quantize_dynamic(str(fp32), str(built), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=_head_nodes(graph),
                              # fused contrib ops have no shape inference: their outputs are fp32
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                             use_external_data_format=external)
         elif precision == "int4":
             from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
             quant = MatMulNBitsQuantizer(graph, block_size=32, is_symmetric=True, nodes_to_exclude=_head_nodes(graph),
                                          algo_config=DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True))
             quant.process()
-            quant.model.save_model_to_file(str(built), use_external_data_format=False)
+            quant.model.save_model_to_file(str(built), use_external_data_format=external)
         elif precision == "fp16":
             from onnxruntime.transformers.onnx_model import OnnxModel
 
             model = OnnxModel(graph)
             model.convert_float_to_float16(keep_io_types=True)
-            model.save_model_to_file(str(built))
+            model.save_model_to_file(str(built), use_external_data_format=external)
         elif precision != "fp32":
             raise ValueError(precision)
+        for side in tmp.glob(f"{out.name}?*"):  # weights first, the graph that names them last
+            os.replace(side, out.parent / side.name)
         os.replace(built, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +150,8 @@ def ensure_onnx(model_dir: Path, precision: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and (precision == "fp16" or _loads(path)):
         return path
-    path.unlink(missing_ok=True)
+    for stale in path.parent.glob(f"{path.name}*"):
+        stale.unlink()
     _build(Path(model_dir), precision, path)
     return path
 

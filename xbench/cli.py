@@ -303,17 +303,13 @@ def backends_matrix(
     console.print(table)
     console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · -: not supported[/]")
     if measure:
-        print_gemm_ceilings()
+        from xbench.bench.ceilings import ceilings_table, gemm_ceilings
+        from xbench.core.model_pool import threads_per_worker
 
-
-def print_gemm_ceilings() -> None:
-    from xbench.bench.ceilings import ceilings_table, gemm_ceilings
-    from xbench.core.model_pool import threads_per_worker
-
-    threads = threads_per_worker(1, None)
-    with console.status("timing one GEMM per precision ..."):
-        rates = gemm_ceilings(threads)
-    console.print(ceilings_table(rates, threads))
+        threads = threads_per_worker(1, None)
+        with console.status("timing one GEMM per precision ..."):
+            rates = gemm_ceilings(threads)
+        console.print(ceilings_table(rates, threads))
 
 
 @app.command("score")

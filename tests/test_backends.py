@@ -15,7 +15,7 @@ from xbench.errors import ConfigError
 from xbench.models import resolve_model
 from xbench.workload import synthetic
 
-from conftest import write_tiny_bert
+from conftest import write_tiny_bert, write_tiny_model
 
 # (backend, precision, bar): ("abs", tol) = max |logit diff|; ("rho", r) = Spearman >= r
 FIDELITY = [
@@ -173,6 +173,40 @@ def test_compiled_backend_compiles_one_graph_for_every_shape(tiny_model):
         assert np.abs(got - ref.forward(*arrays)).max() < 1e-4
     assert len(set(graphs)) == 1, f"recompiled: graph count went {graphs}"
     assert "compile_s" in b.describe()
+
+
+def tiny_encoder(kind: str):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    small = dict(num_labels=1, initializer_range=0.3)
+    if kind == "xlm-roberta":  # bge-reranker's architecture: one token type, offset position ids
+        return tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(
+            vocab_size=31000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=514, type_vocab_size=1, **small))
+    if kind == "distilbert":  # takes no token_type_ids
+        return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=31000, dim=32, n_layers=2, n_heads=2, hidden_dim=64, **small))
+    return tf.ElectraForSequenceClassification(tf.ElectraConfig(
+        vocab_size=31000, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, **small))
+
+
+@pytest.mark.parametrize("kind", ["xlm-roberta", "distilbert", "electra"])
+def test_other_encoder_architectures_run_on_every_cpu_backend(kind, tmp_path, monkeypatch):
+    """Cross-encoders are not all BERT: the export, the fusion and the inputs adapt, and the
+    fp32 paths agree with the PyTorch reference."""
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "cache"))
+    model_dir = write_tiny_model(tmp_path / kind, tiny_encoder(kind))
+    batches = batches_for(model_dir, 64, batch=16)
+    if kind == "xlm-roberta":  # its own tokenizer gives every token type 0 (BERT's marks the document 1)
+        batches = [(idx, (ids, mask, np.zeros_like(types))) for idx, (ids, mask, types) in batches]
+    ref = scores(model_dir, "pytorch", "fp32", batches, 64)
+    assert np.std(ref) > 0.1
+    check(scores(model_dir, "onnx", "fp32", batches, 64), ref, ("abs", 1e-4), f"{kind} onnx fp32")
+    check(scores(model_dir, "pytorch", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} pytorch int8")
+    check(scores(model_dir, "onnx", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} onnx int8")
 
 
 def test_every_registered_backend_declares_what_it_supports():

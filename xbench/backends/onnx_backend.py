@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # Bumped whenever the export or fusion recipe changes, so old cached graphs are not reused.
 RECIPE = "fused1"
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Weights past this size go to a side file `<name>.data`: protobuf caps one file at 2 GiB, and
 # large rerankers (e.g. XLM-R large, 2.2 GB in fp32) pass it.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -65,17 +64,20 @@ def _export_fp32(model_dir: Path, out: Path, tmp: Path) -> None:
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from xbench.backends.torch_backend import load_torch_model
+    from xbench.backends.torch_backend import accepted_inputs, load_torch_model
 
     # Eager attention, not SDPA: its MatMul/Softmax pattern is what ORT's fusion recognizes.
     model = load_torch_model(str(model_dir), attention="eager")
+    names = accepted_inputs(model)
     raw = tmp / "raw.onnx"
-    dummy = tuple(torch.ones((2, 16), dtype=torch.int64) for _ in INPUTS)
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
+    # Token type 0 exists in every model (XLM-R has only that one); ids of 1 are in every vocabulary.
+    dummy = {name: (torch.zeros if name == "token_type_ids" else torch.ones)((2, 16), dtype=torch.int64)
+             for name in names}
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["logits"] = {0: "batch"}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches: shapes stay dynamic
-        torch.onnx.export(model, dummy, str(raw), input_names=list(INPUTS), output_names=["logits"],
+        torch.onnx.export(model, (), str(raw), kwargs=dummy, input_names=list(names), output_names=["logits"],
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
     cfg = model.config
     fused = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from typing import Any
@@ -29,6 +30,13 @@ def load_torch_model(model_dir: str, trust_remote_code: bool = False, attention:
         attn_implementation=attention, dtype=torch.float32,
     )
     return model.eval()
+
+
+def accepted_inputs(model: torch.nn.Module) -> tuple[str, ...]:
+    """The tokenizer outputs this architecture's forward takes (DistilBERT, for one, takes no
+    token_type_ids)."""
+    params = inspect.signature(model.forward).parameters
+    return tuple(name for name in ("input_ids", "attention_mask", "token_type_ids") if name in params)
 
 
 def quantizable_linears(model: torch.nn.Module) -> list[str]:
@@ -97,6 +105,7 @@ class TorchBackend:
         self.precision = precision
         self.threads = threads
         model = load_torch_model(model_dir, trust_remote_code)
+        self.input_names = accepted_inputs(model)
         if precision == "int8":
             self.model = quantize_int8(model)
         elif precision == "int4":
@@ -105,12 +114,8 @@ class TorchBackend:
             self.model = model.to(device=self.device, dtype=DTYPES[precision])
 
     def _inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
-        dev = self.device
-        return {
-            "input_ids": torch.from_numpy(input_ids).to(dev, non_blocking=True),
-            "attention_mask": torch.from_numpy(attention_mask).to(dev, non_blocking=True),
-            "token_type_ids": torch.from_numpy(token_type_ids).to(dev, non_blocking=True),
-        }
+        arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return {name: torch.from_numpy(arrays[name]).to(self.device, non_blocking=True) for name in self.input_names}
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:

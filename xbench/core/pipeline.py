@@ -31,6 +31,14 @@ def warmup_backend(backend: Backend) -> None:
         backend.forward(ids, np.ones_like(ids), np.zeros_like(ids))
 
 
+class InputTooLong(ValueError):
+    """Pairs longer than the model's max_length, sent with truncation off."""
+
+    def __init__(self, count: int, max_length: int):
+        super().__init__(f"{count} input(s) are longer than max_input_length={max_length} tokens and truncate is false")
+        self.count = count
+
+
 class Pipeline:
     def __init__(self, cfg: DictConfig, instance_index: int = 0,
                  observe_batch: Callable[[ModelBatch, float], None] | None = None):
@@ -53,8 +61,10 @@ class Pipeline:
         return self
 
     # -- requests -------------------------------------------------------------------------
-    def submit(self, pairs: list[Pair]) -> Future[RerankResult]:
-        """Tokenize, batch and score pairs; the future holds logits in the pairs' order."""
+    def submit(self, pairs: list[Pair], truncate: bool = True) -> Future[RerankResult]:
+        """Tokenize, batch and score pairs; the future holds logits in the pairs' order. With
+        truncate=False, pairs longer than max_length fail the request with InputTooLong once
+        tokenized, before they reach the model."""
         submitted = time.perf_counter()
         result: Future[RerankResult] = Future()
         self.batcher.expect()
@@ -62,6 +72,8 @@ class Pipeline:
 
         def tokenized(f: Future[Encoded]) -> None:
             exc = f.exception()
+            if exc is None and not truncate and f.result().truncated:
+                exc = InputTooLong(f.result().truncated, self.max_length)
             if exc is not None:
                 self.batcher.arrived_empty()
                 result.set_exception(exc)
@@ -136,4 +148,4 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-__all__ = ["Pipeline", "RerankResult", "sigmoid", "warmup_backend"]
+__all__ = ["InputTooLong", "Pipeline", "RerankResult", "sigmoid", "warmup_backend"]

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 import xbench
 from xbench.config import DEFAULT_MODEL
 from xbench.core.batcher import ModelBatch, RequestCancelled, RerankResult
-from xbench.core.pipeline import Pipeline, sigmoid
+from xbench.core.pipeline import InputTooLong, Pipeline, sigmoid
 from xbench.serve.metrics import Metrics
 from xbench.serve.schemas import ApiError, RerankQuery, parse
 
@@ -175,11 +175,8 @@ class RerankService:
         if q.truncation_direction == "left":
             raise ApiError(422, "truncation_direction=left is not supported: xbench truncates pairs from the right",
                            param="truncation_direction")
-        future = pipe.submit([(q.query, d) for d in docs])
+        future = pipe.submit([(q.query, d) for d in docs], truncate=q.truncate)
         result = await self._wait(request, future)
-        if not q.truncate and result.truncated:
-            raise ApiError(422, f"{result.truncated} input(s) are longer than max_input_length={pipe.max_length} tokens "
-                           "and truncate is false", param="texts")
         for stage, seconds in result.stages_s.items():
             self.metrics.stage_duration.labels(stage).observe(seconds)
         self.metrics.pairs.inc(len(docs))
@@ -196,6 +193,8 @@ class RerankService:
                     return waiter.result()
                 except RequestCancelled:
                     raise ClientDisconnect() from None
+                except InputTooLong as exc:  # rejected once tokenized, before any compute
+                    raise ApiError(422, str(exc), param="texts") from None
                 except Exception as exc:
                     log.exception("scoring failed")
                     raise ApiError(500, f"backend error: {type(exc).__name__}: {exc}", kind="Backend") from exc

@@ -15,11 +15,11 @@ from xbench.models import materialize_default, resolve_model
 from xbench.workload import synthetic
 
 
-def reference_logits(model_dir, pairs, max_length=512):
+def reference_logits(model_dir, pairs, max_length=512, truncation_side="right"):
     """The direct call: HF tokenizer + HF model, one pair at a time, no padding at all."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), truncation_side=truncation_side)
     model = load_torch_model(str(model_dir))
     out = []
     with torch.inference_mode():
@@ -30,16 +30,17 @@ def reference_logits(model_dir, pairs, max_length=512):
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_tokenizer_pool_matches_a_single_tokenizer(tiny_model, mode):
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_tokenizer_pool_matches_a_single_tokenizer(tiny_model, mode, direction):
     from transformers import AutoTokenizer
 
     pairs = synthetic(64, seed=1).pairs(64)
     pool = TokenizerPool(load_tokenizer(tiny_model, 48), workers=2, mode=mode, parallelism=False)
     try:
-        got = [pool.submit(pairs[i:i + 16]).result() for i in range(0, 64, 16)]
+        got = [pool.submit(pairs[i:i + 16], direction).result() for i in range(0, 64, 16)]
     finally:
         pool.close()
-    hf = AutoTokenizer.from_pretrained(str(tiny_model))
+    hf = AutoTokenizer.from_pretrained(str(tiny_model), truncation_side=direction)
     want = hf([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=48)
     ids = [x.tolist() for enc in got for x in enc.ids]
     assert ids == want["input_ids"]

@@ -97,6 +97,18 @@ def test_tei_rerank_shape_raw_scores_and_truncate_false(server, tiny_model):
     assert post(server, "/rerank", {"query": "q", "texts": ["word " * 100]}).status_code == 200  # truncated by default
 
 
+def test_tei_truncation_direction_left_keeps_the_end_of_long_texts(server, tiny_model):
+    doc = "alpha beta gamma " * 30 + "the closing words decide the score"
+    scores = {}
+    for direction in ("Left", "right"):
+        r = post(server, "/rerank", {"query": "q", "texts": [doc], "raw_scores": True, "truncation_direction": direction})
+        assert r.status_code == 200, r.text
+        scores[direction.lower()] = r.json()[0]["score"]
+        want = reference_logits(tiny_model, [("q", doc)], max_length=64, truncation_side=direction.lower())[0]
+        assert abs(scores[direction.lower()] - want) < 1e-5
+    assert abs(scores["left"] - scores["right"]) > 1e-3
+
+
 def test_concurrent_requests_share_batches_and_each_gets_its_own_scores(server, tiny_model):
     queries = [f"query number {i}" for i in range(8)]
 

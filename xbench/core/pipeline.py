@@ -61,14 +61,14 @@ class Pipeline:
         return self
 
     # -- requests -------------------------------------------------------------------------
-    def submit(self, pairs: list[Pair], truncate: bool = True) -> Future[RerankResult]:
-        """Tokenize, batch and score pairs; the future holds logits in the pairs' order. With
-        truncate=False, pairs longer than max_length fail the request with InputTooLong once
-        tokenized, before they reach the model."""
+    def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> Future[RerankResult]:
+        """Tokenize, batch and score pairs; the future holds logits in the pairs' order. Pairs
+        longer than max_length are cut from the `direction` side or, with truncate=False, fail
+        the request with InputTooLong once tokenized, before they reach the model."""
         submitted = time.perf_counter()
         result: Future[RerankResult] = Future()
         self.batcher.expect()
-        tokenizing = self.tokenizers.submit(pairs)
+        tokenizing = self.tokenizers.submit(pairs, direction)
 
         def tokenized(f: Future[Encoded]) -> None:
             exc = f.exception()

@@ -59,6 +59,16 @@ def set_parallelism(on: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if on else "false"
 
 
+def build_tokenizer(tokenizer_json: str, direction: str = "right") -> Tokenizer:
+    """A Tokenizer from load_tokenizer's JSON; direction="left" cuts over-long pairs from the
+    start instead (TEI's truncation_direction), keeping the end of the longer text."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    if direction != "right":
+        t = tok.truncation
+        tok.enable_truncation(t["max_length"], stride=t["stride"], strategy=t["strategy"], direction=direction)
+    return tok
+
+
 def _encode(tok: Tokenizer, pairs: list[Pair]) -> Encoded:
     t0 = time.perf_counter()
     out = tok.encode_batch(pairs, add_special_tokens=True)
@@ -68,19 +78,22 @@ def _encode(tok: Tokenizer, pairs: list[Pair]) -> Encoded:
     return Encoded(ids, type_ids, time.perf_counter() - t0, truncated)
 
 
-# Per-process state of `mode: process` workers.
-_process_tokenizer: Tokenizer | None = None
+# Per-process state of `mode: process` workers: the JSON, and a tokenizer per direction.
+_process_json = ""
+_process_tokenizers: dict[str, Tokenizer] = {}
 
 
 def _process_init(tokenizer_json: str, parallelism: bool) -> None:
-    global _process_tokenizer
+    global _process_json
     set_parallelism(parallelism)
-    _process_tokenizer = Tokenizer.from_str(tokenizer_json)
+    _process_json = tokenizer_json
+    _process_tokenizers["right"] = build_tokenizer(tokenizer_json)
 
 
-def _process_encode(pairs: list[Pair]) -> Encoded:
-    assert _process_tokenizer is not None
-    return _encode(_process_tokenizer, pairs)
+def _process_encode(pairs: list[Pair], direction: str) -> Encoded:
+    if direction not in _process_tokenizers:
+        _process_tokenizers[direction] = build_tokenizer(_process_json, direction)
+    return _encode(_process_tokenizers[direction], pairs)
 
 
 class TokenizerPool:
@@ -103,20 +116,21 @@ class TokenizerPool:
         else:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
 
-    def _thread_tokenizer(self) -> Tokenizer:
-        tok = getattr(self._local, "tok", None)
-        if tok is None:
-            tok = self._local.tok = Tokenizer.from_str(self.tokenizer_json)
-        return tok
+    def _thread_tokenizer(self, direction: str) -> Tokenizer:
+        toks = self._local.__dict__.setdefault("toks", {})
+        if direction not in toks:
+            toks[direction] = build_tokenizer(self.tokenizer_json, direction)
+        return toks[direction]
 
-    def encode(self, pairs: list[Pair]) -> Encoded:
+    def encode(self, pairs: list[Pair], direction: str = "right") -> Encoded:
         """Tokenize on the calling thread (tests, pre-tokenizing a workload)."""
-        return _encode(self._thread_tokenizer(), pairs)
+        return _encode(self._thread_tokenizer(direction), pairs)
 
-    def submit(self, pairs: list[Pair]) -> Future[Encoded]:
+    def submit(self, pairs: list[Pair], direction: str = "right") -> Future[Encoded]:
+        """Tokenize on a worker; `direction` is the side over-long pairs are cut from."""
         if self.mode == "process":
-            return self._executor.submit(_process_encode, pairs)
-        return self._executor.submit(self.encode, pairs)
+            return self._executor.submit(_process_encode, pairs, direction)
+        return self._executor.submit(self.encode, pairs, direction)
 
     def warmup(self) -> None:
         """Start every worker (processes take a second) before anything is timed."""

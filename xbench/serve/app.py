@@ -172,10 +172,7 @@ class RerankService:
         docs = q.documents
         if q.max_tokens_per_doc:
             docs = self.truncate_documents(pipe, docs, q.max_tokens_per_doc)
-        if q.truncation_direction == "left":
-            raise ApiError(422, "truncation_direction=left is not supported: xbench truncates pairs from the right",
-                           param="truncation_direction")
-        future = pipe.submit([(q.query, d) for d in docs], truncate=q.truncate)
+        future = pipe.submit([(q.query, d) for d in docs], truncate=q.truncate, direction=q.truncation_direction)
         result = await self._wait(request, future)
         for stage, seconds in result.stages_s.items():
             self.metrics.stage_duration.labels(stage).observe(seconds)

@@ -209,6 +209,34 @@ def test_other_encoder_architectures_run_on_every_cpu_backend(kind, tmp_path, mo
     check(scores(model_dir, "onnx", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} onnx int8")
 
 
+def test_two_class_heads_score_the_log_odds_of_relevant(tmp_path, monkeypatch):
+    """Rerankers trained as (not relevant, relevant) classifiers: every backend scores l1 - l0,
+    so the served sigmoid is softmax's P(relevant). More than two labels is refused by name."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from xbench.errors import ModelError
+
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     num_labels=2, initializer_range=0.3)
+    model = BertForSequenceClassification(cfg)
+    model_dir = write_tiny_model(tmp_path / "two-class", model)
+    batches = batches_for(model_dir, 32, batch=16)
+    with torch.inference_mode():
+        want = np.concatenate([np.diff(model(*(torch.from_numpy(a) for a in (ids, mask, types))).logits.numpy())[:, 0]
+                               for _, (ids, mask, types) in batches])
+    order = np.concatenate([idx for idx, _ in batches])
+    for backend in ("pytorch", "onnx", "mlx"):
+        got = scores(model_dir, backend, "fp32", batches, 32)
+        assert np.abs(got[order] - want).max() < 1e-4, backend
+    three = write_tiny_model(tmp_path / "three", BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3)))
+    with pytest.raises(ModelError, match="3 output labels"):
+        resolve_model(str(three))
+
+
 def test_every_registered_backend_declares_what_it_supports():
     for spec in REGISTRY.values():
         assert spec.precisions and spec.devices and spec.summary

@@ -65,13 +65,18 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
     return _describe(name, _fetch_from_hub(name, trust_remote_code), "hub")
 
 
+def num_labels(config: dict) -> int:
+    """Outputs of a classification head, read as transformers does: id2label, else num_labels,
+    else its default of two (which save_pretrained leaves out of config.json)."""
+    return len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+
+
 def _describe(name: str, path: Path, source: str) -> ResolvedModel:
     cfg = json.loads((path / "config.json").read_text())
-    num_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 1)
-    if num_labels != 1:
-        raise ModelError(
-            f"model {name} has {num_labels} output labels; xbench scores one-logit cross-encoders (num_labels=1)"
-        )
+    labels = num_labels(cfg)
+    if labels not in (1, 2):
+        raise ModelError(f"model {name} has {labels} output labels; xbench scores cross-encoders with one "
+                         "relevance logit or two classes (not relevant, relevant)")
     marker = path / "xbench_model.json"
     meta = json.loads(marker.read_text()) if marker.is_file() else {}
     return ResolvedModel(

@@ -29,6 +29,13 @@ class Backend(Protocol):
         ...
 
 
+def relevance(logits: np.ndarray) -> np.ndarray:
+    """One relevance logit per row, float32: a one-logit head as it is; a two-class head
+    (not relevant, relevant) as the log-odds l1 - l0, whose sigmoid is softmax's P(relevant)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     name: str

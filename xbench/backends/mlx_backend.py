@@ -17,6 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from xbench.backends.base import relevance
+from xbench.models import num_labels
+
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16, "int8": mx.float32, "int4": mx.float32}
 QUANT_BITS = {"int8": 8, "int4": 4}
 
@@ -117,7 +120,7 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         self.bert = Bert(c)
-        self.classifier = nn.Linear(c["hidden_size"], 1)
+        self.classifier = nn.Linear(c["hidden_size"], num_labels(c))
 
     def __call__(self, ids: mx.array, mask: mx.array, types: mx.array) -> mx.array:
         x = self.bert.embeddings(ids, types)
@@ -127,7 +130,7 @@ class BertForSequenceClassification(nn.Module):
         for layer in self.bert.encoder.layer:
             x = layer(x, add)
         pooled = mx.tanh(self.bert.pooler.dense(x[:, 0]))
-        return self.classifier(pooled)[:, 0]
+        return self.classifier(pooled)
 
 
 def load_mlx_model(model_dir: str, precision: str) -> BertForSequenceClassification:
@@ -162,7 +165,7 @@ class MlxBackend:
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         logits = self._fn(mx.array(input_ids.astype(np.int32)), mx.array(attention_mask.astype(np.int32)),
                           mx.array(token_type_ids.astype(np.int32)))
-        return np.array(logits.astype(mx.float32))
+        return relevance(np.array(logits.astype(mx.float32)))
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "mlx", "mlx": mx.__version__ if hasattr(mx, "__version__") else None,

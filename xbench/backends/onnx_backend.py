@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from xbench.backends.base import relevance
 from xbench.models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class OnnxBackend:
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         (logits,) = self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self._names})
-        return np.asarray(logits, dtype=np.float32)[:, 0]
+        return relevance(logits)
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort

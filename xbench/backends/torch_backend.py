@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from xbench.backends.base import relevance
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Layers kept in fp32 under int8 and int4: the last encoder layer, the pooler and the 1-logit
 # head feed the score directly, and their rounding error is not averaged away by any later layer.
@@ -120,7 +122,7 @@ class TorchBackend:
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
-        return out.logits[:, 0].float().cpu().numpy()
+        return relevance(out.logits.float().cpu().numpy())
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, "torch": torch.__version__, "threads": self.threads,

@@ -36,7 +36,6 @@ class InputTooLong(ValueError):
 
     def __init__(self, count: int, max_length: int):
         super().__init__(f"{count} input(s) are longer than max_input_length={max_length} tokens and truncate is false")
-        self.count = count
 
 
 class Pipeline:

@@ -117,7 +117,9 @@ class TokenizerPool:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
 
     def _thread_tokenizer(self, direction: str) -> Tokenizer:
-        toks = self._local.__dict__.setdefault("toks", {})
+        toks = getattr(self._local, "toks", None)
+        if toks is None:
+            toks = self._local.toks = {}
         if direction not in toks:
             toks[direction] = build_tokenizer(self.tokenizer_json, direction)
         return toks[direction]

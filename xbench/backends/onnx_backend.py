@@ -19,8 +19,10 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from xbench.backends.base import relevance
 from xbench.models import cache_dir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 OPSET = 17
 # Bumped whenever the export or fusion recipe changes, so old cached graphs are not reused.
 RECIPE = "fused1"
@@ -136,27 +139,32 @@ def _build(model_dir: Path, precision: str, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _loads(path: Path) -> bool:
-    try:
-        import onnxruntime as ort
+def _cpu_session(path: Path) -> Any:
+    import onnxruntime as ort
 
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return True
-    except Exception as exc:
-        log.warning("cached ONNX file %s is unusable (%s); rebuilding it", path, exc)
-        return False
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def open_onnx(model_dir: Path, precision: str, open_file: Callable[[Path], T]) -> tuple[Path, T]:
+    """The cached ONNX file for this model and precision, opened with `open_file`: built if
+    missing, rebuilt if the cached file fails to open (a corrupt or partial file is never used)."""
+    path = onnx_path(Path(model_dir), precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        try:
+            return path, open_file(path)
+        except Exception as exc:
+            log.warning("cached ONNX file %s is unusable (%s); rebuilding it", path, exc)
+        for stale in path.parent.glob(f"{path.name}*"):
+            stale.unlink()
+    _build(Path(model_dir), precision, path)
+    return path, open_file(path)
 
 
 def ensure_onnx(model_dir: Path, precision: str) -> Path:
-    """The cached ONNX file for this model and precision, built (or rebuilt) if needed."""
-    path = onnx_path(Path(model_dir), precision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and (precision == "fp16" or _loads(path)):
-        return path
-    for stale in path.parent.glob(f"{path.name}*"):
-        stale.unlink()
-    _build(Path(model_dir), precision, path)
-    return path
+    """The cached ONNX file, checked by opening it on the CPU (fp16 graphs, which run on CUDA
+    only, just by being there)."""
+    return open_onnx(model_dir, precision, _cpu_session if precision != "fp16" else Path.is_file)[0]
 
 
 class OnnxBackend:
@@ -165,20 +173,20 @@ class OnnxBackend:
 
         self.precision = precision
         self.threads = threads
-        self.path = ensure_onnx(Path(model_dir), precision)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        # The session itself proves the cached file usable: no separate check session.
+        self.path, self.session = open_onnx(Path(model_dir), precision,
+                                            lambda path: ort.InferenceSession(str(path), opts, providers=providers))
         self.providers = self.session.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             from xbench.errors import BackendUnavailable
 
             raise BackendUnavailable("backend 'onnx' on cuda needs onnxruntime-gpu (pip install onnxruntime-gpu)")
         self._names = {i.name for i in self.session.get_inputs()}
-        self.fused_ops = fused_op_counts(self.path)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
@@ -191,6 +199,10 @@ class OnnxBackend:
         return {"engine": "onnxruntime", "onnxruntime": ort.__version__, "threads": self.threads,
                 "providers": self.providers, "precision": self.precision, "onnx_file": str(self.path),
                 "fused_ops": self.fused_ops}
+
+    @cached_property
+    def fused_ops(self) -> dict[str, int]:  # read from the file when first described, not at start-up
+        return fused_op_counts(self.path)
 
 
 def fused_op_counts(path: Path) -> dict[str, int]:

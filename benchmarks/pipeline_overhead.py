@@ -64,7 +64,7 @@ def main(
                           f"experiment.duration_s={duration}", f"experiment.warmup_s={warmup}"])
     inst = cfg.model_pool.instances[0]
     model = resolve_model(inst.name)
-    workload = make_workload(None, cfg.experiment.num_pairs, cfg.experiment.seed)
+    workload = make_workload(None, cfg)
     tok = TokenizerPool(load_tokenizer(model.path, min(inst.max_length, model.max_position_embeddings)))
     encoded = [tok.encode(workload.request(i, batch).pairs) for i in range(requests)]
     tok.close()

@@ -39,7 +39,7 @@ def main(
 ) -> None:
     overrides = list(overrides or [])
     cfg = compose_config([*overrides, f"experiment.duration_s={duration}", f"experiment.warmup_s={warmup}"])
-    workload = make_workload(None, cfg.experiment.num_pairs, cfg.experiment.seed)
+    workload = make_workload(None, cfg)
     server = start_server(overrides)
     inproc = PipelineTarget(cfg)
     http = HttpTarget(server.url, "cohere")

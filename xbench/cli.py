@@ -72,7 +72,7 @@ def _bench(command: str, overrides: Optional[List[str]], experiment: Optional[st
     from xbench.workload import make_workload
 
     cfg = compose_config([*(overrides or []), *shortcuts], experiment=experiment)
-    workload = make_workload(data, cfg.experiment.num_pairs, cfg.experiment.seed)
+    workload = make_workload(data, cfg)
     docs = run_bench(command, cfg, workload, out=out, console=err_console)
     console.print(render_table(docs, title=f"{command}: {cfg.name}"))
     console.print(f"[dim]{environment_line(environment())}[/]")
@@ -159,7 +159,7 @@ def load_command(
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"URL {url!r} must start with http:// or https://")
     cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests)])
-    workload = make_workload(data, cfg.experiment.num_pairs, cfg.experiment.seed)
+    workload = make_workload(data, cfg)
     target = HttpTarget(url, api, model=model, api_key=api_key)
     if slo:
         docs, best = slo_search("load", cfg, target, workload, int(cfg.experiment.batch_sizes[0]), slo, out, err_console)

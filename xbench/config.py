@@ -64,6 +64,10 @@ class BatchingConfig:
     # Sort pending pairs by length before cutting batches, so short pairs are not
     # padded to the longest one.
     length_bucketing: bool = True
+    # cost: cut where the backend's calibrated cost model says the batches cost least (a
+    # long-tailed mix splits into length groups; nothing to tune); tokens: greedy cut by
+    # max_batch_size and max_batch_tokens alone.
+    planner: str = "cost"
 
 
 @dataclass
@@ -96,6 +100,17 @@ class ExperimentConfig:
 
 
 @dataclass
+class WorkloadConfig:
+    """The synthetic workload (ignored with --data): its length mix and its shape."""
+
+    # msmarco: passages of N(56, 20) words; longtail: heavy-tailed, titles to 512-token chunks;
+    # fixed: every passage fixed_words long.
+    lengths: str = "msmarco"
+    docs_per_query: int = 1
+    fixed_words: int = 56
+
+
+@dataclass
 class XbenchConfig:
     name: str = "adhoc"
     description: str = ""
@@ -104,6 +119,7 @@ class XbenchConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
 
 def _register() -> None:
@@ -157,6 +173,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 TOKENIZER_MODES = ("thread", "process")
+PLANNERS = ("cost", "tokens")
 BENCH_COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
 
 
@@ -183,6 +200,8 @@ def validate(cfg: DictConfig) -> None:
             f"tokenizer_pool.mode={cfg.tokenizer_pool.mode!r} is not one of {', '.join(TOKENIZER_MODES)}"
         )
     positive("batching.max_batch_size", cfg.batching.max_batch_size)
+    if cfg.batching.planner not in PLANNERS:
+        raise ConfigError(f"batching.planner={cfg.batching.planner!r} is not one of {', '.join(PLANNERS)}")
     positive("batching.max_batch_tokens", cfg.batching.max_batch_tokens)
     if cfg.batching.timeout_ms < 0:
         raise ConfigError(f"batching.timeout_ms={cfg.batching.timeout_ms} must be >= 0")
@@ -206,6 +225,12 @@ def validate(cfg: DictConfig) -> None:
     if exp.command not in BENCH_COMMANDS:
         raise ConfigError(f"experiment.command={exp.command!r} is not one of {', '.join(BENCH_COMMANDS)}")
     positive("experiment.num_pairs", exp.num_pairs)
+    from xbench.workload import LENGTH_MIXES
+
+    if cfg.workload.lengths not in LENGTH_MIXES:
+        raise ConfigError(f"workload.lengths={cfg.workload.lengths!r} is not one of {', '.join(LENGTH_MIXES)}")
+    positive("workload.docs_per_query", cfg.workload.docs_per_query)
+    positive("workload.fixed_words", cfg.workload.fixed_words)
     positive("server.max_client_batch_size", cfg.server.max_client_batch_size)
     positive("server.max_concurrent_requests", cfg.server.max_concurrent_requests)
     positive("server.max_body_bytes", cfg.server.max_body_bytes)

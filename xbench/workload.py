@@ -1,9 +1,15 @@
-"""Workloads: deterministic MS MARCO-shaped synthetic pairs, or pairs read from JSONL.
+"""Workloads: deterministic synthetic pairs of a chosen length mix, or pairs read from JSONL.
 
 A request is one query with `batch` documents. The synthetic generator draws queries of
-4-10 words and passages of N(56, 20) words clipped to [10, 200] from a fixed English word
-list with numpy's PCG64 stream, so the same seed gives the same pairs on every machine
-(about 66 word pieces per pair with the bert-base-uncased tokenizer).
+4-10 words and passages from a fixed English word list with numpy's PCG64 stream, so the same
+seed gives the same pairs on every machine. Passage lengths (`workload.lengths`):
+
+- `msmarco`: N(56, 20) words clipped to [10, 200], about 66 word pieces per pair with the
+  bert-base-uncased tokenizer: uniform enough to hide padding waste;
+- `longtail`: log-normal words (median 75, a heavy right tail) clipped to [3, 600], as when one
+  query's candidates range from a title to a 512-token chunk: about 120 word pieces per pair on
+  average, median about 85, the longest cut at the model's limit;
+- `fixed`: every passage `workload.fixed_words` words long.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +50,8 @@ song film movie book story game sport team player ball football baseball basketb
 
 QUERY_WORDS = (4, 10)
 PASSAGE_MEAN, PASSAGE_STD, PASSAGE_MIN, PASSAGE_MAX = 56, 20, 10, 200
+LONGTAIL_MEDIAN, LONGTAIL_SIGMA, LONGTAIL_MIN, LONGTAIL_MAX = 75, 0.85, 3, 600
+LENGTH_MIXES = ("msmarco", "longtail", "fixed")
 
 Pair = tuple[str, str]
 
@@ -83,17 +92,22 @@ class Workload:
             docs = own + extra
         return Request(self.queries[q], tuple(docs))
 
+    @property
+    def size(self) -> int:
+        """Distinct pairs the workload holds."""
+        return len(self._flat)
+
     def pairs(self, n: int) -> list[Pair]:
         """The first n (query, document) pairs of the workload, cycling if needed."""
         every = [(q, d) for q, docs in zip(self.queries, self.documents) for d in docs]
         return [every[k % len(every)] for k in range(n)]
 
-    def describe(self) -> dict:
-        return {"source": self.source, "queries": len(self.queries), "documents": len(self._flat)}
 
-
-def synthetic(num_pairs: int = 4096, seed: int = 0, docs_per_query: int = 1) -> Workload:
-    """Seeded MS MARCO-shaped pairs: `num_pairs` passages, one query per `docs_per_query`."""
+def synthetic(num_pairs: int = 4096, seed: int = 0, docs_per_query: int = 1, lengths: str = "msmarco",
+              fixed_words: int = PASSAGE_MEAN) -> Workload:
+    """Seeded pairs: `num_pairs` passages of the `lengths` mix, one query per `docs_per_query`."""
+    if lengths not in LENGTH_MIXES:
+        raise DataError(f"workload.lengths={lengths!r} is not one of {', '.join(LENGTH_MIXES)}")
     rng = np.random.Generator(np.random.PCG64(seed))
     words = np.array(_WORDS)
     # Zipf-like word frequencies, as in natural text.
@@ -108,10 +122,19 @@ def synthetic(num_pairs: int = 4096, seed: int = 0, docs_per_query: int = 1) -> 
         queries.append(text(int(rng.integers(QUERY_WORDS[0], QUERY_WORDS[1] + 1))))
         docs = []
         for _ in range(docs_per_query):
-            n = int(np.clip(round(rng.normal(PASSAGE_MEAN, PASSAGE_STD)), PASSAGE_MIN, PASSAGE_MAX))
-            docs.append(text(n))
+            docs.append(text(passage_words(rng, lengths, fixed_words)))
         documents.append(docs)
-    return Workload(queries, documents, source=f"synthetic(seed={seed}, pairs={num_pairs})")
+    mix = "" if lengths == "msmarco" else f", lengths={lengths}"
+    return Workload(queries, documents, source=f"synthetic(seed={seed}, pairs={num_pairs}{mix})")
+
+
+def passage_words(rng: np.random.Generator, lengths: str, fixed_words: int) -> int:
+    if lengths == "longtail":
+        n = rng.lognormal(np.log(LONGTAIL_MEDIAN), LONGTAIL_SIGMA)
+        return int(np.clip(round(n), LONGTAIL_MIN, LONGTAIL_MAX))
+    if lengths == "fixed":
+        return fixed_words
+    return int(np.clip(round(rng.normal(PASSAGE_MEAN, PASSAGE_STD)), PASSAGE_MIN, PASSAGE_MAX))
 
 
 def load_jsonl(path: str | Path) -> Workload:
@@ -161,5 +184,21 @@ def parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
     raise DataError(f'{where}: expected "document" (string) or "documents" (list)')
 
 
-def make_workload(data: str | Path | None, num_pairs: int, seed: int) -> Workload:
-    return load_jsonl(data) if data else synthetic(num_pairs=num_pairs, seed=seed)
+def make_workload(data: str | Path | None, cfg: Any) -> Workload:
+    """The workload a composed config asks for: the JSONL file `data`, else synthetic pairs."""
+    if data:
+        return load_jsonl(data)
+    w = cfg.workload
+    return synthetic(num_pairs=cfg.experiment.num_pairs, seed=cfg.experiment.seed, docs_per_query=w.docs_per_query,
+                     lengths=w.lengths, fixed_words=w.fixed_words)
+
+
+def length_profile(lengths: list[int] | np.ndarray, max_length: int) -> dict:
+    """Pair lengths in tokens: mean, percentiles and a histogram (32-token bins up to max_length),
+    so a result file says which length mix produced its figures."""
+    a = np.asarray(lengths, dtype=np.int64)
+    edges = list(range(0, max_length + 32, 32))
+    counts, _ = np.histogram(a, bins=edges)
+    return {"pairs": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "max": int(a.max()),
+            "histogram": {"bin_tokens": 32, "counts": counts.tolist()}}

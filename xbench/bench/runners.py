@@ -18,11 +18,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from xbench.bench.load import LoadSpec, Send, Sent, generate
 from xbench.config import to_dict
+from xbench.core.model_pool import TokenCounts
 from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import ResolvedModel, resolve_model
 from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, run_id, write_json
-from xbench.workload import Workload
+from xbench.workload import Workload, length_profile
 
 COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
 PRETOKENIZED_REQUESTS = 64  # distinct pre-tokenized requests infer-bench cycles over
@@ -41,6 +42,9 @@ class TokenizeTarget:
         self.model_info = model_info(self.model)
         self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism), "tokenizer_mode": tp.mode,
                        "max_length": max_length}
+
+    def length_profile(self, workload: Workload) -> dict:
+        return workload_lengths(self.pool, workload, self.params["max_length"])
 
     def sender(self, workload: Workload, batch: int) -> Send:
         async def send(i: int) -> Sent:
@@ -67,8 +71,14 @@ class PipelineTarget:
         b = cfg.batching
         self.params.update(batching=bool(b.enabled), max_batch_size=b.max_batch_size,
                            max_batch_tokens=b.max_batch_tokens, timeout_ms=b.timeout_ms,
-                           length_bucketing=bool(b.length_bucketing))
-        self.engine = d["engine"]
+                           length_bucketing=bool(b.length_bucketing), planner=b.planner, packed=d["packed"])
+        self.engine = {**d["engine"], "batch_cost_model": d["batch_cost_model"]}
+
+    def length_profile(self, workload: Workload) -> dict:
+        return workload_lengths(self.pipeline.tokenizers, workload, self.params["max_length"])
+
+    def token_counts(self) -> TokenCounts:
+        return self.pipeline.models.token_counts()
 
     def sender(self, workload: Workload, batch: int) -> Send:
         if self.pretokenized:
@@ -108,6 +118,14 @@ TARGETS: dict[str, Callable[[DictConfig], Any]] = {
     "infer-bench": InferTarget,
     "pipeline-bench": PipelineTarget,
 }
+
+
+PROFILE_PAIRS = 4096  # pairs of the workload tokenized to describe its length mix
+
+
+def workload_lengths(tokenizers: TokenizerPool, workload: Workload, max_length: int) -> dict:
+    """The workload's pair lengths in tokens (after truncation): mean, percentiles, histogram."""
+    return length_profile(tokenizers.encode(workload.pairs(min(PROFILE_PAIRS, workload.size))).lengths, max_length)
 
 
 def load_spec(cfg: DictConfig, concurrency: int) -> LoadSpec:
@@ -178,16 +196,22 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
     """Measure (batch, concurrency, rate) points against a ready target; write one document each."""
     run = run_id()
     docs = []
+    lengths = target.length_profile(workload) if hasattr(target, "length_profile") else None
     with progress_bar(console) as progress:
         for batch, concurrency, rate in points:
             load = f"rate {rate:g}/s" if rate else f"concurrency {concurrency}"
             task = progress.add_task(f"{command} batch {batch} {load}", total=1.0)
             spec = load_spec(cfg, concurrency)
             spec.rate = rate
+            before = target.token_counts() if hasattr(target, "token_counts") else None
             stats = asyncio.run(measure(target, workload, batch, spec, lambda f, t=task: progress.update(t, completed=f)))
+            if before is not None:  # warm-up included: the same pairs' mix, so the same ratio
+                stats["padding"] = target.token_counts().since(before)
             params = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate,
                       "workload": workload.source}
             doc = result_document(command, cfg, target, params, stats)
+            if lengths is not None:
+                doc["workload"] = {"source": workload.source, "pair_tokens": lengths}
             path = write_json(output_path(out, command, doc["params"], len(points), run), doc)
             doc["_path"] = str(path)
             docs.append(doc)

@@ -102,7 +102,7 @@ def sweep_job(cfg: DictConfig) -> None:
     out = run_dir / f"{e.command}-{stem}-{key}.json"
     try:
         validate(cfg)
-        workload = make_workload(os.environ.get(ENV_DATA) or None, e.num_pairs, e.seed)
+        workload = make_workload(os.environ.get(ENV_DATA) or None, cfg)
         run_bench(e.command, cfg, workload, out=out, console=console)
     except (Exception, SystemExit) as exc:  # a failed point is a result; the sweep goes on
         msg = f"{type(exc).__name__}: {exc}"

@@ -1,12 +1,19 @@
 """Dynamic batching of pairs across requests.
 
-One queue of tokenized pairs; model workers pull batches from it. A batch is cut by
-`max_batch_size` rows and a `max_batch_tokens` budget of *padded* tokens (rows x longest
-row), after sorting the pending pairs by length (length bucketing) so short pairs are not
-padded to a long one. A worker that asks for a batch gets one at once when a full batch is
-pending, when no more pairs are on their way (nothing is being tokenized), or when the oldest
-pending pair has waited `timeout_ms`; otherwise it waits for the batch to fill. So an idle
-model never holds a lone request back, and a busy one gets full batches.
+One queue of tokenized pairs; model workers pull batches from it. Pending pairs are cut into
+batches over their length-sorted order (length bucketing) so short pairs are not padded to a
+long one. With `planner: cost` (the default) the cuts minimise the estimated cost of the batches
+under the backend's calibrated cost model (core/cost_model.py): a long-tailed mix is split into
+length groups, a uniform one into full batches, and a lone request is cut the same way when
+nothing else is queued. `planner: tokens` is the plain greedy cut by `max_batch_size` rows and a
+`max_batch_tokens` budget of padded tokens. A request may be split across batches; its pairs
+are rejoined in order.
+
+A worker that asks for a batch gets one at once when a full batch is pending, when no more pairs
+are on their way (nothing is being tokenized), or when the oldest pending pair has waited
+`timeout_ms`; otherwise it waits for the batch to fill. So an idle model never holds a lone
+request back, and a busy one gets full batches. Planned batches run oldest pair first; pairs
+that arrive meanwhile are planned together with the batches not yet taken.
 """
 
 from __future__ import annotations
@@ -20,7 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xbench.config import BatchingConfig
+from xbench.core import cost_model
+from xbench.core.cost_model import CostModel
 from xbench.core.tokenizer_pool import Encoded
+
+PLAN_WINDOW_BATCHES = 8  # pairs planned at once: the oldest max_batch_size x this many
 
 
 class RequestCancelled(Exception):
@@ -90,6 +101,7 @@ class QueuedPair:
     request: PendingRequest
     index: int
     length: int
+    seq: int = 0  # arrival order in the batcher
 
 
 @dataclass
@@ -114,9 +126,14 @@ class ModelBatch:
         return int(self.attention_mask.sum())
 
 
-def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int, bucketing: bool) -> list[list[int]]:
-    """Cut positions 0..n-1 into batches: sorted by length when bucketing, else in order;
-    a batch closes at max_batch_size rows or when its padded size would pass max_batch_tokens."""
+def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int, bucketing: bool,
+                 cost: CostModel | None = None) -> list[list[int]]:
+    """Cut positions 0..n-1 into batches. With a cost model (and bucketing): the cuts of least
+    estimated cost over the length-sorted order. Without: sorted by length when bucketing, else
+    in order, a batch closing at max_batch_size rows or when its padded size would pass
+    max_batch_tokens. A single over-budget row still runs alone."""
+    if cost is not None and bucketing:
+        return cost_model.plan(lengths, cost, max_batch_size, max_batch_tokens)
     order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucketing else list(range(len(lengths)))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -133,12 +150,12 @@ def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int,
     return batches
 
 
-def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9,
-                   bucketing: bool = True) -> list[tuple[list[int], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
+                   cost: CostModel | None = None) -> list[tuple[list[int], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Pre-tokenized pairs cut and padded as the batcher would: (positions, (ids, mask, types)) per
     batch. For measuring a backend alone, or scoring a fixed set of pairs, outside the pipeline."""
     return [(idx, collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx]))
-            for idx in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing)]
+            for idx in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing, cost)]
 
 
 def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,9 +178,12 @@ class Batcher:
         self.timeout_s = float(cfg.timeout_ms) / 1000.0
         self.enabled = bool(cfg.enabled)
         self.bucketing = bool(cfg.length_bucketing)
-        self._pending: deque[QueuedPair] = deque()
-        self._ready: deque[list[QueuedPair]] = deque()
+        # The planner's cost model: a prior until the pipeline calibrates the running backend.
+        self.cost: CostModel | None = cost_model.PRIOR if cfg.planner == "cost" else None
+        self._pending: deque[QueuedPair] = deque()  # arrived since the last plan, oldest first
+        self._planned: list[list[QueuedPair]] = []  # cut, not yet taken; oldest pair's batch first
         self._incoming = 0  # requests being tokenized: pairs that will arrive soon
+        self._arrivals = 0
         self._closed = False
         self._cond = threading.Condition()
 
@@ -174,11 +194,12 @@ class Batcher:
 
     def put(self, request: PendingRequest, expected: bool = True) -> None:
         request.enqueued = time.perf_counter()
-        pairs = [QueuedPair(request, i, n) for i, n in enumerate(request.encoded.lengths)]
         with self._cond:
+            first = self._arrivals
+            self._arrivals += len(request.encoded.ids)
+            self._pending.extend(QueuedPair(request, i, n, first + i) for i, n in enumerate(request.encoded.lengths))
             if expected:
                 self._incoming -= 1
-            self._pending.extend(pairs)
             self._cond.notify_all()
 
     def arrived_empty(self) -> None:
@@ -190,7 +211,7 @@ class Batcher:
     @property
     def queue_size(self) -> int:
         with self._cond:
-            return len(self._pending) + sum(len(b) for b in self._ready)
+            return len(self._pending) + sum(len(b) for b in self._planned)
 
     # -- consumers -------------------------------------------------------------------
     def next_batch(self) -> ModelBatch | None:
@@ -208,8 +229,6 @@ class Batcher:
     def _next_members(self) -> list[QueuedPair] | None:
         with self._cond:
             while True:
-                if self._ready:
-                    return self._ready.popleft()
                 self._drop_cancelled()
                 if self._pending:
                     waited = time.perf_counter() - self._pending[0].request.enqueued
@@ -221,12 +240,15 @@ class Batcher:
                         or self._closed
                     )
                     if due:
-                        self._cut()
+                        self._plan()
+                    elif not self._planned:
+                        self._cond.wait(self.timeout_s - waited)
                         continue
-                    self._cond.wait(self.timeout_s - waited)
-                elif self._closed:
+                if self._planned:
+                    return self._planned.pop(0)
+                if self._closed:
                     return None
-                else:
+                if not self._pending:
                     self._cond.wait()
 
     def close(self) -> None:
@@ -238,17 +260,24 @@ class Batcher:
     def _drop_cancelled(self) -> None:
         if any(p.request.cancelled for p in self._pending):
             self._pending = deque(p for p in self._pending if not p.request.cancelled)
+        if any(p.request.cancelled for b in self._planned for p in b):
+            self._planned = [kept for b in self._planned if (kept := [p for p in b if not p.request.cancelled])]
 
-    def _cut(self) -> None:
-        """Move the oldest pending pairs into ready batches."""
-        if self.enabled:
-            # A window of whole batches (up to 4) from the head of the queue, so bucketing
-            # can sort across requests while the oldest pairs still go first.
-            full = len(self._pending) // self.max_batch_size
-            take = self.max_batch_size * min(full, 4) if full else len(self._pending)
-        else:  # no cross-request batching: one request at a time
+    def _plan(self) -> None:
+        """Re-plan the batches not yet taken together with the pairs that arrived since: the
+        oldest pairs (a window of whole batches) are cut, the oldest pair's batch first."""
+        if not self.enabled:  # no cross-request batching: one request at a time, in arrival order
             head = self._pending[0].request
             take = next((i for i, p in enumerate(self._pending) if p.request is not head), len(self._pending))
-        window = [self._pending.popleft() for _ in range(take)]
-        for idx in plan_batches([p.length for p in window], self.max_batch_size, self.max_batch_tokens, self.bucketing):
-            self._ready.append([window[i] for i in idx])
+            self._planned += self._cut([self._pending.popleft() for _ in range(take)])
+            return
+        window = [p for b in self._planned for p in b]
+        room = max(0, self.max_batch_size * PLAN_WINDOW_BATCHES - len(window))
+        window += [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        window.sort(key=lambda p: p.seq)
+        self._planned = self._cut(window)
+
+    def _cut(self, window: list[QueuedPair]) -> list[list[QueuedPair]]:
+        cuts = plan_batches([p.length for p in window], self.max_batch_size, self.max_batch_tokens,
+                            self.bucketing, self.cost)
+        return sorted(([window[i] for i in idx] for idx in cuts), key=lambda b: min(p.seq for p in b))

@@ -3,6 +3,10 @@
 Threads, not processes: every backend releases the GIL inside its forward pass, and threads
 share the batches without copying them. Each worker sets its own intra-op thread count, by
 default the cores split evenly, so M workers on C cores do not oversubscribe them.
+
+The pool counts the tokens it computes: real tokens, padded tokens (rows x longest) and the
+tokens the dense layers actually ran on (the real ones for a packed backend), so every result
+can state its padding efficiency.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from xbench.backends import Backend, create_backend
@@ -20,6 +25,31 @@ log = logging.getLogger(__name__)
 
 BatchSource = Callable[[], "ModelBatch | None"]
 BatchObserver = Callable[[ModelBatch, float], None]
+
+
+@dataclass
+class TokenCounts:
+    """Tokens through the model so far. efficiency = real / computed: 1.0 means no compute
+    went to padding."""
+
+    batches: int = 0
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0  # rows x longest row: what attention runs on
+    computed_tokens: int = 0  # what the dense layers ran on: padded, or real when packed
+
+    def add(self, rows: int, real: int, padded: int, computed: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.real_tokens += real
+        self.padded_tokens += padded
+        self.computed_tokens += computed
+
+    def since(self, before: "TokenCounts") -> dict[str, Any]:
+        """The counts accumulated after `before`, with the efficiency they give."""
+        d = {k: v - getattr(before, k) for k, v in asdict(self).items()}
+        d["efficiency"] = d["real_tokens"] / d["computed_tokens"] if d["computed_tokens"] else None
+        return d
 
 
 def threads_per_worker(workers: int, configured: int | None) -> int:
@@ -39,15 +69,21 @@ class ModelPool:
         self._source = source
         self._observe = observe
         self._threads: list[threading.Thread] = []
+        self._warm = threading.Barrier(workers)
         self._ready = threading.Barrier(workers + 1)
         self._load_errors: list[BaseException] = []
         self.backend_info: dict[str, Any] = {}
+        self.packed = False
+        self.tokens = TokenCounts()
+        self._tokens_lock = threading.Lock()
         self.alive = False
 
-    def start(self, warmup: Callable[[Backend], None] | None = None) -> None:
-        """Load one backend per worker (on the worker's thread) and wait until all are warm."""
+    def start(self, warmup: Callable[[Backend], None] | None = None,
+              calibrate: Callable[[Backend], None] | None = None) -> None:
+        """Load one backend per worker (on the worker's thread), wait until all are warm, then
+        let worker 0 `calibrate` its backend while the others are idle."""
         for i in range(self.workers):
-            t = threading.Thread(target=self._run, args=(warmup,), name=f"xbench-model-{i}", daemon=True)
+            t = threading.Thread(target=self._run, args=(i, warmup, calibrate), name=f"xbench-model-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         self._ready.wait()
@@ -55,17 +91,27 @@ class ModelPool:
             raise self._load_errors[0]
         self.alive = True
 
-    def _run(self, warmup: Callable[[Backend], None] | None) -> None:
+    def _run(self, index: int, warmup: Callable[[Backend], None] | None,
+             calibrate: Callable[[Backend], None] | None) -> None:
+        backend = None
         try:
             backend = create_backend(self.instance, self._model_dir, self.threads)
             if warmup:
                 warmup(backend)
-            self.backend_info = backend.describe()
         except BaseException as exc:  # reported by start() on the caller's thread
             self._load_errors.append(exc)
-            self._ready.wait()
-            return
+        self._warm.wait()
+        try:
+            if backend is not None and index == 0 and not self._load_errors:
+                self.packed = bool(getattr(backend, "packed", False))
+                if calibrate:
+                    calibrate(backend)
+                self.backend_info = backend.describe()
+        except BaseException as exc:
+            self._load_errors.append(exc)
         self._ready.wait()
+        if backend is None or self._load_errors:
+            return
         while (batch := self._source()) is not None:
             self._process(backend, batch)
 
@@ -79,6 +125,9 @@ class ModelPool:
                 m.request.fail(exc)
             return
         elapsed = time.perf_counter() - start
+        real = batch.real_tokens
+        with self._tokens_lock:
+            self.tokens.add(batch.rows, real, batch.padded_tokens, real if self.packed else batch.padded_tokens)
         if self._observe:
             self._observe(batch, elapsed)
         # Group rows by request so each request takes its lock once per batch.
@@ -89,6 +138,11 @@ class ModelPool:
             entry[2].append(row)
         for request, indices, rows in by_request.values():
             request.deliver(indices, logits[rows], start)
+
+    def token_counts(self) -> TokenCounts:
+        """A snapshot of the token counters (subtract two with `since`)."""
+        with self._tokens_lock:
+            return TokenCounts(**asdict(self.tokens))
 
     def healthy(self) -> bool:
         """Loaded, and every worker thread still running."""

@@ -16,10 +16,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xbench.backends import Backend, normalize
+from xbench.core import cost_model
 from xbench.core.batcher import Batcher, ModelBatch, PendingRequest, RerankResult
 from xbench.core.model_pool import ModelPool
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool, load_tokenizer
-from xbench.models import ResolvedModel, resolve_model
+from xbench.models import ResolvedModel, cache_dir, resolve_model
 
 WARMUP_SHAPES = ((1, 16), (8, 64), (32, 128))
 
@@ -55,9 +56,29 @@ class Pipeline:
 
     def start(self) -> "Pipeline":
         self.tokenizers.warmup()
-        self.models.start(warmup=warmup_backend)
+        self.models.start(warmup=warmup_backend, calibrate=self._calibrate if self.batcher.cost else None)
         self.started = True
         return self
+
+    def _calibrate(self, backend: Backend) -> None:
+        """Fit the batch planner's cost model to this backend (cached per machine, model,
+        backend, precision and threads): a few timed shapes, once."""
+        from xbench.results.store import environment
+
+        def forward(rows: int, length: int) -> None:
+            ids = np.full((rows, min(length, self.max_length)), 1000, dtype=np.int64)
+            backend.forward(ids, np.ones_like(ids), np.zeros_like(ids))
+
+        env = environment()
+        weights = self.model.path / "model.safetensors"
+        stat = weights.stat() if weights.is_file() else None
+        backend_name, device = normalize(self.instance.backend, self.instance.device)
+        key = {"cpu": env["cpu"], "cores": env["cores"], "gpu": env["gpu"], "torch": env["torch"],
+               "onnxruntime": env["onnxruntime"], "model": str(self.model.path),
+               "weights": [stat.st_size, stat.st_mtime_ns] if stat else None, "backend": backend_name,
+               "device": device, "precision": self.instance.quantization, "threads": self.models.threads,
+               "packed": self.models.packed, "max_length": self.max_length}
+        self.batcher.cost = cost_model.load_or_calibrate(key, forward, self.models.packed, cache_dir() / "costs")
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> Future[RerankResult]:
@@ -129,6 +150,9 @@ class Pipeline:
             "tokenizer_mode": self.tokenizers.mode,
             "parallelism": self.tokenizers.parallelism,
             "engine": self.models.backend_info,
+            "packed": self.models.packed,
+            "planner": self.cfg.batching.planner,
+            "batch_cost_model": self.batcher.cost.describe() if self.batcher.cost else None,
         }
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ KIND = {
 }
 
 COLUMNS = ["Configuration", "Tokenizer workers", "Model workers", "Parallelism",
-           "RPS", "Pairs/s", "Mean", "P50", "P95", "P99", "Errors", "Stable"]
+           "RPS", "Pairs/s", "Mean", "P50", "P95", "P99", "Token eff.", "Errors", "Stable"]
 NUMERIC_FROM = COLUMNS.index("RPS")
 
 
@@ -35,13 +35,20 @@ def configuration(doc: dict[str, Any]) -> str:
         parts.append(f"{p['backend']} {p.get('precision', '')}".strip())
     load = f"rate {p['rate']:g}/s" if p.get("rate") else f"c{p.get('concurrency')}"
     parts.append(f"b{p.get('batch')} {load}")
+    if "lengths=" in str(p.get("workload", "")):  # a synthetic mix other than msmarco
+        parts.append(str(p["workload"]).split("lengths=")[1].rstrip(")"))
     return " · ".join(parts)
+
+
+def _efficiency(doc: dict[str, Any]) -> str:
+    eff = doc.get("padding", {}).get("efficiency")
+    return "-" if eff is None else f"{eff:.0%}"
 
 
 def row(doc: dict[str, Any]) -> list[str]:
     p, s, lat = doc.get("params", {}), doc.get("summary", {}), doc.get("latency_ms", {})
     if doc.get("error"):
-        return [configuration(doc), "", "", "", "failed", "", "", "", "", "", doc["error"][:40], ""]
+        return [configuration(doc), "", "", "", "failed", "", "", "", "", "", "", doc["error"][:40], ""]
     par = p.get("parallelism")
     return [
         configuration(doc),
@@ -51,6 +58,7 @@ def row(doc: dict[str, Any]) -> list[str]:
         _rate(s.get("requests_per_s")),
         _rate(s.get("pairs_per_s")),
         _ms(lat.get("mean")), _ms(lat.get("p50")), _ms(lat.get("p95")), _ms(lat.get("p99")),
+        _efficiency(doc),
         str(s.get("errors", 0)),
         "yes" if doc.get("stability", {}).get("stable") else "NO",
     ]

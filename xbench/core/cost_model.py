@@ -1,0 +1,154 @@
+"""What a model batch costs, and the batch cuts that cost least.
+
+A forward pass over `rows` pairs padded to `longest` tokens costs about
+
+    overhead + per_token * tokens + per_attention * rows * longest**2
+
+where `tokens` is what the dense layers (the GEMMs, layer norms, GELU) run on: rows x longest for
+a padded backend, the real tokens alone for a packed one; attention grows with the square of the
+padded length. The three coefficients are fitted at start-up from a few timed shapes on the
+running backend, so the same planner is right for a 2-core CPU (where padding is costly and a
+batch's fixed cost is small) and for a GPU (where the fixed cost dominates). Fits are cached per
+machine, model, backend, precision and thread count.
+
+`plan` then cuts length-sorted pairs into the batches of least total estimated cost (dynamic
+programming over the cut points), under the row and padded-token caps: no user has to find the
+right `max_batch_tokens` for their length mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# (rows, length) shapes timed by `calibrate`, cheapest first; together they separate the fixed,
+# per-token and attention terms (short wide, long narrow, and square-ish batches).
+CALIBRATION_SHAPES = ((1, 16), (8, 16), (1, 128), (32, 16), (8, 64), (2, 256), (16, 128), (2, 512))
+CALIBRATION_BUDGET_S = 20.0  # stop adding shapes past this (slow precisions on a CPU)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Estimated seconds of one forward pass; see the module docstring."""
+
+    overhead_s: float
+    per_token_s: float
+    per_attention_s: float
+    packed: bool = False  # dense layers run on the real tokens only
+    source: str = "prior"  # prior | calibrated | cached
+
+    def batch_cost(self, rows: int, longest: int, real_tokens: int) -> float:
+        tokens = real_tokens if self.packed else rows * longest
+        return self.overhead_s + self.per_token_s * tokens + self.per_attention_s * rows * longest * longest
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Before calibration: the shape of a small BERT on a CPU (a batch's fixed cost worth ~50 tokens,
+# attention a tenth of the dense cost at 128 tokens). Only the ratios matter for planning.
+PRIOR = CostModel(overhead_s=50e-6, per_token_s=1e-6, per_attention_s=1e-6 / 1280)
+
+
+def plan(lengths: Sequence[int], cost: CostModel, max_rows: int, max_padded_tokens: int) -> list[list[int]]:
+    """Positions 0..n-1 cut into batches of least total estimated cost. Each batch is a run of
+    the length-sorted order (an optimal cut never interleaves lengths); a batch holds at most
+    `max_rows` rows and `max_padded_tokens` padded tokens (a lone over-long pair still runs)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    s = np.asarray(lengths, dtype=np.float64)[order]
+    prefix = np.concatenate(([0.0], np.cumsum(s)))
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        longest = s[j - 1]
+        k_max = min(max_rows, j, max(1, int(max_padded_tokens // max(longest, 1))))
+        i = np.arange(j - 1, j - k_max - 1, -1)  # batch = sorted positions i..j-1, k = j - i rows
+        rows = j - i
+        tokens = prefix[j] - prefix[i] if cost.packed else rows * longest
+        total = best[i] + cost.overhead_s + cost.per_token_s * tokens + cost.per_attention_s * rows * longest * longest
+        k = int(np.argmin(total))
+        best[j], start[j] = total[k], i[k]
+    cuts: list[list[int]] = []
+    j = n
+    while j > 0:
+        cuts.append(order[start[j]:j].tolist())
+        j = int(start[j])
+    return cuts[::-1]
+
+
+def fit(samples: Sequence[tuple[int, int, float]], packed: bool) -> CostModel:
+    """Least-squares fit of (rows, length, seconds) samples, each term kept non-negative (a
+    term the data cannot support is dropped and the rest refitted)."""
+    x = np.array([[1.0, r * n, r * n * n] for r, n, _ in samples])
+    y = np.array([t for _, _, t in samples])
+    keep = [0, 1, 2]
+    coef = np.zeros(3)
+    while keep:
+        sol, *_ = np.linalg.lstsq(x[:, keep] / y[:, None], np.ones(len(y)), rcond=None)  # relative error
+        if (sol >= 0).all():
+            coef[keep] = sol
+            break
+        keep.pop(int(np.argmin(sol)))
+    if coef[1] <= 0:  # the dense term is what every plan relies on; never let it vanish
+        coef[1] = float(np.median(y / x[:, 1]))
+    return CostModel(float(coef[0]), float(coef[1]), float(coef[2]), packed=packed, source="calibrated")
+
+
+def calibrate(forward: Callable[[int, int], None], packed: bool, repeats: int = 2,
+              budget_s: float = CALIBRATION_BUDGET_S) -> tuple[CostModel, list[tuple[int, int, float]]]:
+    """Time `forward(rows, length)` on CALIBRATION_SHAPES (best of `repeats`; the backend is
+    already warm) until the budget is spent, and fit a CostModel to the timings."""
+    samples: list[tuple[int, int, float]] = []
+    began = time.perf_counter()
+    for rows, length in CALIBRATION_SHAPES:
+        if len(samples) >= 4 and time.perf_counter() - began > budget_s:
+            break
+        best = min(_timed(forward, rows, length) for _ in range(repeats))
+        samples.append((rows, length, best))
+    return fit(samples, packed), samples
+
+
+def _timed(forward: Callable[[int, int], None], rows: int, length: int) -> float:
+    t0 = time.perf_counter()
+    forward(rows, length)
+    return time.perf_counter() - t0
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps({**parts, "version": CACHE_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_or_calibrate(key_parts: dict[str, Any], forward: Callable[[int, int], None], packed: bool,
+                      folder: Path) -> CostModel:
+    """The cached fit for these key parts, or a new calibration written to the cache."""
+    path = folder / f"{cache_key(key_parts)}.json"
+    try:
+        doc = json.loads(path.read_text())
+        return replace(CostModel(**doc["model"]), source="cached")
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    model, samples = calibrate(forward, packed)
+    log.info("calibrated batch cost model: %s", model)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key_parts, "model": asdict(model), "samples": samples}, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache costs a calibration per start, nothing more
+        log.warning("could not cache the batch cost model in %s: %s", folder, exc)
+    return model

@@ -32,6 +32,9 @@ class ModelInstanceConfig:
     quantization: str = "fp32"
     max_length: int = 512
     trust_remote_code: bool = False
+    # Packed execution (dense layers on real tokens only): null = the backend's default (on for
+    # pytorch where the architecture allows it), true/false to force it.
+    packed: Optional[bool] = None
 
 
 @dataclass

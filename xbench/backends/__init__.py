@@ -18,8 +18,10 @@ register(BackendSpec(
     precisions=("fp32", "fp16", "bf16", "int8", "int4"),
     devices=("cpu", "cuda", "mps"),
     requires=("torch", "transformers"),
-    summary="PyTorch eager, SDPA attention; int8 = dynamic, per-channel weights; int4 = weight-only, groups of 32 (CPU)",
+    summary="PyTorch eager, packed (dense layers on real tokens only), SDPA attention; int8 = dynamic, "
+            "per-channel weights; int4 = weight-only, groups of 32 (CPU)",
     limits=(("int8", ("cpu",)), ("int4", ("cpu",))),
+    packs=True,
 ))
 register(BackendSpec(
     name="compiled",

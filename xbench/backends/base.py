@@ -28,6 +28,10 @@ class Backend(Protocol):
         """What results and /info should record about this backend (versions, threads)."""
         ...
 
+    # Whether the dense layers run on the real tokens only (no compute spent on padding); the
+    # batch planner's cost model and the padding-efficiency counters read it. False if absent.
+    packed: bool
+
 
 def relevance(logits: np.ndarray) -> np.ndarray:
     """One relevance logit per row, float32: a one-logit head as it is; a two-class head
@@ -47,6 +51,7 @@ class BackendSpec:
     summary: str = ""
     # precision -> the only devices it runs on (e.g. fp16 ONNX needs the CUDA provider)
     limits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    packs: bool = False  # can run packed (unpadded) batches: takes `packed`
 
     def supports(self, precision: str, device: str) -> bool:
         allowed = dict(self.limits).get(precision)
@@ -126,6 +131,10 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
             f"{key}: backend {backend!r} runs {inst.quantization} only on {', '.join(allowed)}, not on {device!r}; "
             f"on {device} it supports {', '.join(p for p in spec.precisions if spec.supports(p, device))}"
         )
+    if getattr(inst, "packed", None) and not spec.packs:
+        packing = ", ".join(n for n, s in REGISTRY.items() if s.packs)
+        raise ConfigError(f"{key}.packed=true: backend {backend!r} runs padded batches only; packed execution is "
+                          f"in {packing}")
     present = available_devices() if device in ("cuda", "mps") else ["cpu"]
     if device not in present:
         raise ConfigError(f"{key}.device={device!r} is not present on this machine; available: {', '.join(available_devices())}")
@@ -133,6 +142,8 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
 
 def create_backend(inst: Any, model_dir: str, threads: int) -> Backend:
     backend, device = normalize(inst.backend, inst.device)
-    cls = REGISTRY[backend].load_class()
+    spec = REGISTRY[backend]
+    cls = spec.load_class()
+    packing = {"packed": getattr(inst, "packed", None)} if spec.packs else {}
     return cls(model_dir=model_dir, device=device, precision=inst.quantization, threads=threads,
-               trust_remote_code=bool(getattr(inst, "trust_remote_code", False)))
+               trust_remote_code=bool(getattr(inst, "trust_remote_code", False)), **packing)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from xbench.backends.base import relevance
+from xbench.backends.packed import PackedEncoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Layers kept in fp32 under int8 and int4: the last encoder layer, the pooler and the 1-logit
@@ -98,9 +99,13 @@ def quantize_int4(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class TorchBackend:
+    """Eager PyTorch. packed=True (the default where the architecture allows it) runs the dense
+    layers on the real tokens only (backends/packed.py); False runs transformers' padded forward."""
+
     engine = "torch-eager"
 
-    def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False,
+                 packed: bool | None = None):
         # Called on the worker's own thread: set_num_threads sets that thread's intra-op pool.
         torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -108,6 +113,9 @@ class TorchBackend:
         self.threads = threads
         model = load_torch_model(model_dir, trust_remote_code)
         self.input_names = accepted_inputs(model)
+        self.packed = PackedEncoder.supports(model) if packed is None else packed
+        if self.packed:
+            model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
         if precision == "int8":
             self.model = quantize_int8(model)
         elif precision == "int4":
@@ -122,11 +130,12 @@ class TorchBackend:
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
-        return relevance(out.logits.float().cpu().numpy())
+        logits = out if self.packed else out.logits
+        return relevance(logits.float().cpu().numpy())
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, "torch": torch.__version__, "threads": self.threads,
-                "device": str(self.device), "precision": self.precision}
+                "device": str(self.device), "precision": self.precision, "packed": self.packed}
 
 
 class CompiledBackend(TorchBackend):
@@ -139,8 +148,10 @@ class CompiledBackend(TorchBackend):
     engine = "torch-compile"
     SEQ_BUCKET = 16
 
-    def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False):
-        super().__init__(model_dir, device, precision, threads, trust_remote_code)
+    def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False,
+                 packed: bool | None = None):
+        # Padded: one dynamic-shape graph; packing's data-dependent token counts would recompile.
+        super().__init__(model_dir, device, precision, threads, trust_remote_code, packed=False)
         self.model = torch.compile(self.model, dynamic=True, mode="max-autotune-no-cudagraphs"
                                    if device == "cuda" else None)
         self.compile_s = 0.0

@@ -1,0 +1,174 @@
+"""Cost that follows real tokens: packed execution matches the padded model, the cost model fits
+and caches, and the planner cuts long-tailed pairs into length groups."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from test_backends import tiny_encoder
+from xbench.backends.packed import Packing
+from xbench.backends.torch_backend import TorchBackend
+from xbench.config import BatchingConfig, compose_config
+from xbench.core import cost_model
+from xbench.core.batcher import Batcher, collate
+from xbench.core.cost_model import CostModel, fit, load_or_calibrate, plan
+from xbench.core.pipeline import Pipeline
+from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer
+from xbench.errors import ConfigError
+from xbench.models import resolve_model
+from xbench.workload import synthetic
+
+from conftest import write_tiny_model
+
+
+def mixed_batches(model_dir, n=48, rows=16):
+    """Long-tailed pairs in arrival order (no bucketing), so every batch carries padding."""
+    tok = TokenizerPool(load_tokenizer(model_dir, 512))
+    enc = tok.encode(synthetic(n, seed=5, lengths="longtail").pairs(n))
+    tok.close()
+    return [collate(enc.ids[i:i + rows], enc.type_ids[i:i + rows]) for i in range(0, n, rows)]
+
+
+def both_paths(model_dir, batches, precision="fp32"):
+    padded = TorchBackend(str(model_dir), "cpu", precision, threads=2, packed=False)
+    packed = TorchBackend(str(model_dir), "cpu", precision, threads=2, packed=True)
+    assert packed.packed and not padded.packed
+    return (np.concatenate([padded.forward(*b) for b in batches]),
+            np.concatenate([packed.forward(*b) for b in batches]))
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlm-roberta", "distilbert", "electra"])
+def test_packed_execution_matches_the_padded_model(kind, tmp_path, tiny_model):
+    model_dir = tiny_model if kind == "bert" else write_tiny_model(tmp_path / kind, tiny_encoder(kind))
+    batches = mixed_batches(model_dir)
+    if kind == "xlm-roberta":  # one token type
+        batches = [(ids, mask, np.zeros_like(types)) for ids, mask, types in batches]
+    assert min(float(m.mean()) for _, m, _ in batches) < 0.7  # real padding to remove
+    ref, got = both_paths(model_dir, batches)
+    assert np.std(ref) > 0.1
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_packed_default_model_matches_padded_in_fp32_and_int8_ranks_hold():
+    model_dir = resolve_model("default").path
+    batches = mixed_batches(model_dir, n=64, rows=32)
+    ref, got = both_paths(model_dir, batches)
+    assert np.abs(got - ref).max() <= 1e-4
+    _, int8 = both_paths(model_dir, batches, "int8")
+    from scipy.stats import spearmanr
+
+    assert spearmanr(int8, ref).statistic >= 0.9
+
+
+def test_packing_gathers_real_tokens_and_restores_the_layout():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    p = Packing.of(mask)
+    assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.first.tolist() == [0, 3, 4]
+    x = torch.arange(12.0).reshape(3, 4, 1)
+    packed = p.pack(x)
+    assert packed[:, 0].tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    back = p.unpack(packed).reshape(3, 4)
+    assert back.tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [8, 9, 10, 11]]
+    assert Packing.of(torch.ones(2, 3)).key_mask is None  # no padding: no mask, no copies
+
+
+def test_packed_is_refused_by_name_on_backends_that_pad():
+    with pytest.raises(ConfigError, match=r"packed=true: backend 'onnx' runs padded batches only.*pytorch"):
+        compose_config(["model_pool.instances.0.backend=onnx", "model_pool.instances.0.packed=true"])
+
+
+# -- the cost model ---------------------------------------------------------------------------
+
+def brute_force_cost(lengths, cost, max_rows):
+    """Least total cost over every cut of the sorted order (small n only)."""
+    s = sorted(lengths)
+    n, best = len(s), float("inf")
+    for mask in itertools.product([0, 1], repeat=n - 1):
+        bounds = [0] + [i + 1 for i, m in enumerate(mask) if m] + [n]
+        runs = [s[a:b] for a, b in zip(bounds, bounds[1:])]
+        if all(len(r) <= max_rows for r in runs):
+            best = min(best, sum(cost.batch_cost(len(r), r[-1], sum(r)) for r in runs))
+    return best
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_plan_finds_the_least_cost_cut(packed):
+    rng = np.random.default_rng(1)
+    cost = CostModel(overhead_s=3e-3, per_token_s=2e-5, per_attention_s=2e-8, packed=packed)
+    for _ in range(20):
+        lengths = rng.integers(5, 400, size=int(rng.integers(1, 11))).tolist()
+        cuts = plan(lengths, cost, max_rows=4, max_padded_tokens=10**9)
+        assert sorted(i for c in cuts for i in c) == list(range(len(lengths)))
+        assert all(len(c) <= 4 for c in cuts)
+        got = sum(cost.batch_cost(len(c), max(lengths[i] for i in c), sum(lengths[i] for i in c)) for c in cuts)
+        assert got == pytest.approx(brute_force_cost(lengths, cost, 4))
+
+
+def test_plan_splits_long_tails_and_keeps_uniform_batches_full():
+    cost = CostModel(overhead_s=5e-3, per_token_s=1e-4, per_attention_s=1e-7)
+    longtail = [20] * 28 + [480] * 4
+    cuts = plan(longtail, cost, max_rows=32, max_padded_tokens=16384)
+    assert sorted(len(c) for c in cuts) == [4, 28]  # the long ones apart: no short pair padded to 480
+    uniform = [64] * 96
+    assert [len(c) for c in plan(uniform, cost, 32, 16384)] == [32, 32, 32]
+    assert all(len(c) * 480 <= 1000 for c in plan([480] * 8, cost, 32, 1000))  # the padded-token cap holds
+
+
+def test_fit_recovers_the_cost_terms():
+    truth = CostModel(overhead_s=0.02, per_token_s=1.2e-4, per_attention_s=1e-7)
+    samples = [(r, n, truth.batch_cost(r, n, r * n)) for r, n in cost_model.CALIBRATION_SHAPES]
+    got = fit(samples, packed=True)
+    assert got.packed and got.source == "calibrated"
+    for field in ("overhead_s", "per_token_s", "per_attention_s"):
+        assert getattr(got, field) == pytest.approx(getattr(truth, field), rel=1e-3)
+
+
+def test_calibration_is_cached_per_key(tmp_path):
+    calls = []
+
+    def forward(rows, length):
+        calls.append((rows, length))
+
+    key = {"backend": "pytorch", "precision": "fp32", "threads": 2}
+    first = load_or_calibrate(key, forward, packed=True, folder=tmp_path)
+    timed = len(calls)
+    assert first.source == "calibrated" and timed >= len(cost_model.CALIBRATION_SHAPES)
+    again = load_or_calibrate(key, forward, packed=True, folder=tmp_path)
+    assert again.source == "cached" and len(calls) == timed  # nothing re-timed
+    assert (again.overhead_s, again.per_token_s) == (first.overhead_s, first.per_token_s)
+    load_or_calibrate({**key, "precision": "int8"}, forward, packed=True, folder=tmp_path)
+    assert len(calls) > timed  # another precision is another fit
+
+
+# -- the batcher and the pipeline ---------------------------------------------------------------
+
+def test_a_lone_long_tailed_request_is_cut_into_length_groups():
+    b = Batcher(BatchingConfig(max_batch_size=32))
+    b.cost = CostModel(overhead_s=5e-3, per_token_s=1e-4, per_attention_s=1e-7)
+    lengths = [12, 400, 15, 18, 450, 20, 16, 14] * 4
+    ids = [np.ones(n, dtype=np.int32) for n in lengths]
+    from xbench.core.batcher import PendingRequest
+
+    req = PendingRequest(Encoded(ids, [np.zeros(n, dtype=np.int32) for n in lengths]), 0.0, 0.0)
+    b.put(req, expected=False)  # nothing else queued or on its way
+    widths = []
+    while sum(widths) < len(lengths):
+        batch = b.next_batch()
+        widths.append(batch.rows)
+        assert batch.input_ids.shape[1] < 100 or batch.attention_mask.min() == 1  # no short pair padded to 400+
+    assert len(widths) >= 2
+
+
+def test_ten_thousand_mixed_documents_come_back_complete_and_in_order(tiny_overrides):
+    w = synthetic(10_000, seed=3, lengths="longtail")
+    pairs = w.pairs(10_000)
+    rows = []
+    cfg = compose_config(tiny_overrides + ["model_pool.instances.0.max_length=128"])
+    with Pipeline(cfg, observe_batch=lambda batch, s: rows.append(batch.rows)) as pipe:
+        got = pipe.submit(pairs).result(timeout=300).logits
+        solo = np.concatenate([pipe.submit(pairs[i:i + 1]).result(timeout=30).logits for i in (0, 4321, 9999)])
+    assert len(got) == 10_000 and len(rows) > 10_000 // 32
+    np.testing.assert_allclose(got[[0, 4321, 9999]], solo, atol=1e-5)

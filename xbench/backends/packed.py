@@ -1,0 +1,163 @@
+"""Packed (unpadded) execution of an encoder cross-encoder in PyTorch.
+
+A padded batch of `rows` pairs of up to `longest` tokens spends the dense layers (the GEMMs,
+layer norms, GELU: ~85% of the FLOPs) on rows x longest positions, padding included. Here the
+real tokens are gathered once into a `[tokens, hidden]` matrix and every dense layer runs on it;
+only attention sees the sequences, scattered into a padded `[rows, heads, longest, head_dim]`
+view for SDPA with a key mask (on CUDA: variable-length flash attention over the packed tokens,
+no padding at all), then gathered back. The score reads each pair's first token. This is
+CTranslate2's and FasterTransformer's "remove padding" done on the model's own weights: the
+embeddings, layers and head are the transformers modules, re-wired, so every fp32 score matches
+the padded model's.
+
+Architectures: BERT, RoBERTa/XLM-RoBERTa (bge-reranker), ELECTRA (post-norm BERT layers) and
+DistilBERT. `PackedEncoder.supports(model)` says whether a model is one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+SUPPORTED = (*BERT_LIKE, "distilbert")
+
+
+@dataclass
+class Packing:
+    """Where one batch's real tokens sit in its padded [rows, longest] layout."""
+
+    rows: int
+    longest: int
+    index: torch.Tensor  # flat padded positions of the real tokens, in order  [tokens]
+    key_mask: torch.Tensor | None  # [rows, 1, 1, longest] True where a key is real; None: no padding
+    cu_seqlens: torch.Tensor  # int32 [rows + 1]: offsets of each pair in the packed tokens
+    first: torch.Tensor  # packed position of each pair's first token  [rows]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> "Packing":
+        rows, longest = attention_mask.shape
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        full = bool(mask.all())
+        index = torch.arange(rows * longest, device=mask.device) if full else mask.reshape(-1).nonzero().squeeze(1)
+        return cls(rows, longest, index, None if full else mask[:, None, None, :], cu, cu[:-1].long())
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[rows, longest, ...] -> [tokens, ...]"""
+        flat = padded.reshape(self.rows * self.longest, *padded.shape[2:])
+        return flat if self.key_mask is None else flat.index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[tokens, ...] -> [rows * longest, ...], zeros at the padding."""
+        if self.key_mask is None:
+            return packed
+        out = packed.new_zeros(self.rows * self.longest, *packed.shape[1:])
+        return out.index_copy_(0, self.index, packed)
+
+
+def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
+    """Self-attention of each pair over its own tokens: packed [tokens, 3 x hidden] in,
+    packed [tokens, hidden] out."""
+    tokens, width = qkv.shape
+    hidden = width // 3
+    head_dim = hidden // heads
+    if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None:
+        q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
+        longest = packing.longest
+        out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, longest, longest)
+        return out.reshape(tokens, hidden)
+    rows, longest = packing.rows, packing.longest
+    q, k, v = packing.unpack(qkv).view(rows, longest, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask)  # [rows, heads, longest, dim]
+    return packing.pack(out.transpose(1, 2).reshape(rows, longest, hidden))
+
+
+try:  # variable-length flash attention (CUDA, fp16/bf16) in recent torch
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch: the padded SDPA path serves CUDA too
+    _varlen_attn = None
+
+
+class PackedLayer(nn.Module):
+    """One post-norm transformer layer on packed tokens: fused QKV projection, per-pair
+    attention, output projection + residual + norm, feed-forward + residual + norm."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, attn_out: nn.Module, attn_norm: nn.Module,
+                 ffn_in: nn.Module, act: Callable, ffn_out: nn.Module, ffn_norm: nn.Module, heads: int):
+        super().__init__()
+        self.qkv = nn.Linear(q.in_features, 3 * q.out_features, bias=True)
+        with torch.no_grad():  # one GEMM instead of three: better use of the cores on small batches
+            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.attn_out, self.attn_norm = attn_out, attn_norm
+        self.ffn_in, self.act, self.ffn_out, self.ffn_norm = ffn_in, act, ffn_out, ffn_norm
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        h = self.attn_norm(self.attn_out(attention(self.qkv(x), self.heads, packing)) + x)
+        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(h))) + h)
+
+
+def _layers(model: nn.Module) -> list[PackedLayer]:
+    cfg = model.config
+    if cfg.model_type == "distilbert":
+        return [PackedLayer(b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, b.attention.out_lin,
+                            b.sa_layer_norm, b.ffn.lin1, b.ffn.activation, b.ffn.lin2, b.output_layer_norm, cfg.n_heads)
+                for b in model.distilbert.transformer.layer]
+    return [PackedLayer(b.attention.self.query, b.attention.self.key, b.attention.self.value,
+                        b.attention.output.dense, b.attention.output.LayerNorm, b.intermediate.dense,
+                        b.intermediate.intermediate_act_fn, b.output.dense, b.output.LayerNorm,
+                        cfg.num_attention_heads)
+            for b in model.base_model.encoder.layer]
+
+
+class PackedEncoder(nn.Module):
+    """A transformers sequence-classification encoder, run on packed tokens. Takes the padded
+    inputs a backend receives and returns the head's logits [rows, labels]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not self.supports(model):
+            raise ValueError(f"packed execution does not implement {model.config.model_type!r}; "
+                             f"it runs {', '.join(SUPPORTED)}")
+        self.config = model.config
+        self.kind = model.config.model_type
+        base = model.base_model
+        self.embeddings = base.embeddings
+        self.embeddings_project = getattr(base, "embeddings_project", None)  # ELECTRA-small style
+        self.layer = nn.ModuleList(_layers(model))
+        # The head modules keep their names (pooler, classifier): quantizers keep them in fp32.
+        self.pooler = getattr(base, "pooler", None) if self.kind == "bert" else None
+        self.pre_classifier = getattr(model, "pre_classifier", None)
+        self.classifier = model.classifier
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return getattr(model.config, "model_type", None) in SUPPORTED
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        packing = Packing.of(attention_mask)
+        if self.kind == "distilbert":
+            embedded = self.embeddings(input_ids)
+        else:  # position ids come from the padded layout (RoBERTa's skip its padding id), as in HF
+            embedded = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        x = packing.pack(embedded)
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)
+        for layer in self.layer:
+            x = layer(x, packing)
+        return self._head(x.index_select(0, packing.first))
+
+    def _head(self, first: torch.Tensor) -> torch.Tensor:
+        if self.kind == "distilbert":
+            return self.classifier(F.relu(self.pre_classifier(first)))
+        if self.kind == "bert":
+            return self.classifier(self.pooler(first[:, None, :]) if self.pooler is not None else first)
+        return self.classifier(first[:, None, :])  # RoBERTa/ELECTRA heads read features[:, 0]

@@ -11,7 +11,7 @@ from xbench.backends import REGISTRY, available_devices, create_backend
 from xbench.config import ModelInstanceConfig, compose_config
 from xbench.core.batcher import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-from xbench.errors import ConfigError
+from xbench.errors import BackendUnavailable, ConfigError
 from xbench.models import resolve_model
 from xbench.workload import synthetic
 
@@ -32,6 +32,8 @@ FIDELITY = [
     ("mlx", "int8", ("rho", 0.95)),
     ("onnx", "int4", ("rho", 0.0)),  # no bar yet: must run and correlate positively
     ("mlx", "int4", ("rho", 0.0)),
+    ("ctranslate2", "fp32", ("abs", 1e-4)),
+    ("ctranslate2", "int8", ("rho", 0.95)),
 ]
 
 
@@ -42,8 +44,9 @@ def batches_for(model_dir, n, batch=32):
     return padded_batches(enc, batch)
 
 
-def scores(model_dir, backend, precision, batches, n):
-    inst = ModelInstanceConfig(backend=backend, quantization=precision)
+def scores(model_dir, backend, precision, batches, n, packed=None):
+    """Scores of every pair; the reference is transformers' own padded forward (packed=False)."""
+    inst = ModelInstanceConfig(backend=backend, quantization=precision, packed=packed)
     b = create_backend(inst, str(model_dir), threads=2)
     out = np.empty(n, dtype=np.float32)
     for idx, arrays in batches:
@@ -64,7 +67,7 @@ def check(got, ref, bar, label):
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_model):
     batches = batches_for(tiny_model, 256)
-    return tiny_model, batches, scores(tiny_model, "pytorch", "fp32", batches, 256)
+    return tiny_model, batches, scores(tiny_model, "pytorch", "fp32", batches, 256, packed=False)
 
 
 # A random tiny BERT has none of a trained model's structure, and dynamic int8 with per-tensor
@@ -86,7 +89,7 @@ def test_tiny_bert_matches_the_fp32_reference(tiny_setup, backend, precision, ba
 def default_setup():
     model_dir = resolve_model("xbench/minilm-l6-seeded").path
     batches = batches_for(model_dir, 256)
-    return model_dir, batches, scores(model_dir, "pytorch", "fp32", batches, 256)
+    return model_dir, batches, scores(model_dir, "pytorch", "fp32", batches, 256, packed=False)
 
 
 # The full-size model on 256 pairs. bf16/fp16 are left to the GPU check: CPUs without
@@ -183,13 +186,13 @@ def tiny_encoder(kind: str):
     small = dict(num_labels=1, initializer_range=0.3)
     if kind == "xlm-roberta":  # bge-reranker's architecture: one token type, offset position ids
         return tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(
-            vocab_size=31000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=514, type_vocab_size=1, **small))
     if kind == "distilbert":  # takes no token_type_ids
         return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-            vocab_size=31000, dim=32, n_layers=2, n_heads=2, hidden_dim=64, **small))
+            vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64, **small))
     return tf.ElectraForSequenceClassification(tf.ElectraConfig(
-        vocab_size=31000, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=30522, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, **small))
 
 
@@ -202,9 +205,14 @@ def test_other_encoder_architectures_run_on_every_cpu_backend(kind, tmp_path, mo
     batches = batches_for(model_dir, 64, batch=16)
     if kind == "xlm-roberta":  # its own tokenizer gives every token type 0 (BERT's marks the document 1)
         batches = [(idx, (ids, mask, np.zeros_like(types))) for idx, (ids, mask, types) in batches]
-    ref = scores(model_dir, "pytorch", "fp32", batches, 64)
+    ref = scores(model_dir, "pytorch", "fp32", batches, 64, packed=False)
     assert np.std(ref) > 0.1
     check(scores(model_dir, "onnx", "fp32", batches, 64), ref, ("abs", 1e-4), f"{kind} onnx fp32")
+    if kind == "electra":  # CTranslate2 has no ELECTRA converter: refused by name
+        with pytest.raises(BackendUnavailable, match="does not run 'electra'"):
+            scores(model_dir, "ctranslate2", "fp32", batches, 64)
+    else:
+        check(scores(model_dir, "ctranslate2", "fp32", batches, 64), ref, ("abs", 1e-4), f"{kind} ctranslate2 fp32")
     check(scores(model_dir, "pytorch", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} pytorch int8")
     check(scores(model_dir, "onnx", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} onnx int8")
 

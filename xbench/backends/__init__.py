@@ -52,6 +52,17 @@ register(BackendSpec(
     summary="BERT in MLX from safetensors; Apple GPU, or mlx\\[cpu] on Linux",
 ))
 
+register(BackendSpec(
+    name="ctranslate2",
+    target="xbench.backends.ct2_backend:CTranslate2Backend",
+    precisions=("fp32", "int8", "fp16", "bf16"),
+    devices=("cpu", "cuda"),
+    requires=("ctranslate2",),
+    extra="ctranslate2",
+    summary="CTranslate2 encoder (drops padding itself) + the checkpoint's head in numpy; converted once, cached",
+    limits=(("fp16", ("cuda",)), ("bf16", ("cuda",))),
+))
+
 __all__ = [
     "PRECISIONS", "REGISTRY", "Backend", "BackendSpec", "available_devices", "check_instance",
     "create_backend", "normalize", "register",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (NVIDIA): fidelity of the CUDA paths, then pipeline-bench at batch 128,
-# concurrency 16 for each CUDA path. Runs in under five minutes on an H100.
+# GPU check (NVIDIA): fidelity and raw forward rate of the CUDA paths, then pipeline-bench at
+# batch 128, concurrency 16 for each CUDA path on the MS MARCO-shaped and the long-tailed
+# workload. Runs in under five minutes on an H100.
 #   scripts/gpu_check.sh [extra overrides]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +16,12 @@ if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not 
 else
   echo "onnx on cuda skipped: onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
 fi
-for path in $paths; do
-  backend=${path%%:*}; precision=${path##*:}
-  "$PY" -m xbench pipeline-bench -b 128 -c 16 -d 15 --warmup 5 -o "$OUT/pipeline-$backend-$precision.json" \
-    model_pool.instances.0.backend="$backend" model_pool.instances.0.device=cuda \
-    model_pool.instances.0.quantization="$precision" batching.max_batch_size=256 batching.max_batch_tokens=65536 \
-    tokenizer_pool.workers=4 "$@"
+for lengths in msmarco longtail; do
+  for path in $paths; do
+    backend=${path%%:*}; precision=${path##*:}
+    "$PY" -m xbench pipeline-bench -b 128 -c 16 -d 10 --warmup 5 -o "$OUT/pipeline-$backend-$precision-$lengths.json" \
+      model_pool.instances.0.backend="$backend" model_pool.instances.0.device=cuda \
+      model_pool.instances.0.quantization="$precision" batching.max_batch_size=256 batching.max_batch_tokens=65536 \
+      tokenizer_pool.workers=4 workload.lengths="$lengths" "$@"
+  done
 done

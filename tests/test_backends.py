@@ -251,10 +251,12 @@ def test_every_registered_backend_declares_what_it_supports():
 
 
 @pytest.mark.skipif("cuda" not in available_devices(), reason="no CUDA device on this machine")
-@pytest.mark.parametrize("backend,precision", [("pytorch", "fp16"), ("pytorch", "bf16"), ("compiled", "bf16"), ("onnx", "fp16")])
-def test_cuda_paths_match_the_fp32_reference(tiny_setup, backend, precision):
+@pytest.mark.parametrize("backend,precision,packed", [
+    ("pytorch", "fp16", True), ("pytorch", "fp16", False), ("pytorch", "bf16", True), ("compiled", "bf16", None),
+    ("onnx", "fp16", None), ("ctranslate2", "fp16", None), ("ctranslate2", "int8", None)])
+def test_cuda_paths_match_the_fp32_reference(tiny_setup, backend, precision, packed):
     model_dir, batches, ref = tiny_setup
-    inst = ModelInstanceConfig(backend=backend, device="cuda", quantization=precision)
+    inst = ModelInstanceConfig(backend=backend, device="cuda", quantization=precision, packed=packed)
     b = create_backend(inst, str(model_dir), threads=1)
     got = np.empty(256, dtype=np.float32)
     for idx, arrays in batches:

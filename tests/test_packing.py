@@ -75,6 +75,14 @@ def test_packing_gathers_real_tokens_and_restores_the_layout():
     assert Packing.of(torch.ones(2, 3)).key_mask is None  # no padding: no mask, no copies
 
 
+def test_cpu_attention_runs_per_group_of_similar_lengths():
+    lengths = [8, 9, 10, 209, 210]
+    mask = (torch.arange(210)[None, :] < torch.tensor(lengths)[:, None]).long()
+    p = Packing.of(mask, grouped=True)
+    assert [g.rows for g in p.groups] == [3, 2] and [g.longest for g in p.groups] == [10, 210]
+    assert sum(len(g.tokens) for g in p.groups) == sum(lengths)
+
+
 def test_packed_is_refused_by_name_on_backends_that_pad():
     with pytest.raises(ConfigError, match=r"packed=true: backend 'onnx' runs padded batches only.*pytorch"):
         compose_config(["model_pool.instances.0.backend=onnx", "model_pool.instances.0.packed=true"])
@@ -90,7 +98,7 @@ def brute_force_cost(lengths, cost, max_rows):
         bounds = [0] + [i + 1 for i, m in enumerate(mask) if m] + [n]
         runs = [s[a:b] for a, b in zip(bounds, bounds[1:])]
         if all(len(r) <= max_rows for r in runs):
-            best = min(best, sum(cost.batch_cost(len(r), r[-1], sum(r)) for r in runs))
+            best = min(best, sum(cost.batch_cost(r) for r in runs))
     return best
 
 
@@ -103,7 +111,7 @@ def test_plan_finds_the_least_cost_cut(packed):
         cuts = plan(lengths, cost, max_rows=4, max_padded_tokens=10**9)
         assert sorted(i for c in cuts for i in c) == list(range(len(lengths)))
         assert all(len(c) <= 4 for c in cuts)
-        got = sum(cost.batch_cost(len(c), max(lengths[i] for i in c), sum(lengths[i] for i in c)) for c in cuts)
+        got = sum(cost.batch_cost([lengths[i] for i in c]) for c in cuts)
         assert got == pytest.approx(brute_force_cost(lengths, cost, 4))
 
 
@@ -119,7 +127,7 @@ def test_plan_splits_long_tails_and_keeps_uniform_batches_full():
 
 def test_fit_recovers_the_cost_terms():
     truth = CostModel(overhead_s=0.02, per_token_s=1.2e-4, per_attention_s=1e-7)
-    samples = [(r, n, truth.batch_cost(r, n, r * n)) for r, n in cost_model.CALIBRATION_SHAPES]
+    samples = [(r, n, truth.batch_cost([n] * r)) for r, n in cost_model.CALIBRATION_SHAPES]
     got = fit(samples, packed=True)
     assert got.packed and got.source == "calibrated"
     for field in ("overhead_s", "per_token_s", "per_attention_s"):

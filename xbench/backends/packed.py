@@ -2,10 +2,14 @@
 
 A padded batch of `rows` pairs of up to `longest` tokens spends the dense layers (the GEMMs,
 layer norms, GELU: ~85% of the FLOPs) on rows x longest positions, padding included. Here the
-real tokens are gathered once into a `[tokens, hidden]` matrix and every dense layer runs on it;
-only attention sees the sequences, scattered into a padded `[rows, heads, longest, head_dim]`
-view for SDPA with a key mask (on CUDA: variable-length flash attention over the packed tokens,
-no padding at all), then gathered back. The score reads each pair's first token. This is
+real tokens are gathered once into a `[tokens, hidden]` matrix and every dense layer runs on it,
+as one GEMM over the whole batch; only attention sees the sequences. On CUDA it is
+variable-length flash attention over the packed tokens (no padding at all). On the CPU the pairs
+are split into groups of similar length (the same least-cost cut as the batch planner's, priced
+in attention work plus a fixed cost per SDPA call), and each group is scattered into its own
+padded `[rows, heads, longest, head_dim]` view for SDPA, then gathered back: attention costs
+about the sum of each pair's own length squared, not rows x longest squared. The score reads
+each pair's first token. This is
 CTranslate2's and FasterTransformer's "remove padding" done on the model's own weights: the
 embeddings, layers and head are the transformers modules, re-wired, so every fp32 score matches
 the padded model's.
@@ -27,6 +31,22 @@ BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 SUPPORTED = (*BERT_LIKE, "distilbert")
 
 
+# What one SDPA call costs beyond its work, in units of attention work (rows x length^2): about
+# 40 us against 25 ns per unit per layer on a 2-core AVX2 CPU.
+ATTENTION_CALL_UNITS = 2048
+
+
+@dataclass
+class AttentionGroup:
+    """Pairs of similar length that share one padded SDPA call."""
+
+    rows: int
+    longest: int
+    tokens: torch.Tensor  # packed positions of the group's tokens  [group tokens]
+    slots: torch.Tensor  # where each of those tokens sits in the group's [rows * longest] layout
+    key_mask: torch.Tensor | None  # [rows, 1, 1, longest]; None when every pair fills the group
+
+
 @dataclass
 class Packing:
     """Where one batch's real tokens sit in its padded [rows, longest] layout."""
@@ -37,16 +57,20 @@ class Packing:
     key_mask: torch.Tensor | None  # [rows, 1, 1, longest] True where a key is real; None: no padding
     cu_seqlens: torch.Tensor  # int32 [rows + 1]: offsets of each pair in the packed tokens
     first: torch.Tensor  # packed position of each pair's first token  [rows]
+    groups: list[AttentionGroup] | None = None  # CPU attention groups (None: one padded call)
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor) -> "Packing":
+    def of(cls, attention_mask: torch.Tensor, grouped: bool = False) -> "Packing":
         rows, longest = attention_mask.shape
         mask = attention_mask.bool()
         lengths = mask.sum(1)
         cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
         full = bool(mask.all())
         index = torch.arange(rows * longest, device=mask.device) if full else mask.reshape(-1).nonzero().squeeze(1)
-        return cls(rows, longest, index, None if full else mask[:, None, None, :], cu, cu[:-1].long())
+        packing = cls(rows, longest, index, None if full else mask[:, None, None, :], cu, cu[:-1].long())
+        if grouped and not full:
+            packing.groups = attention_groups(lengths.tolist(), cu.tolist(), mask.device)
+        return packing
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[rows, longest, ...] -> [tokens, ...]"""
@@ -61,6 +85,31 @@ class Packing:
         return out.index_copy_(0, self.index, packed)
 
 
+def attention_groups(lengths: list[int], offsets: list[int], device: torch.device) -> list[AttentionGroup] | None:
+    """Split the pairs into groups of similar length at the least estimated attention cost;
+    None when one padded call is cheapest."""
+    from xbench.core.cost_model import CostModel, plan
+
+    price = CostModel(overhead_s=ATTENTION_CALL_UNITS, per_token_s=0.0, per_attention_s=1.0)
+    cuts = plan(lengths, price, max_rows=len(lengths), max_padded_tokens=1 << 62)
+    if len(cuts) == 1:
+        return None
+    groups = []
+    for rows in cuts:
+        longest = max(lengths[r] for r in rows)
+        tokens, slots = [], []
+        for k, r in enumerate(rows):
+            tokens.extend(range(offsets[r], offsets[r] + lengths[r]))
+            slots.extend(range(k * longest, k * longest + lengths[r]))
+        key_mask = None
+        if any(lengths[r] != longest for r in rows):
+            own = torch.tensor([lengths[r] for r in rows], device=device)
+            key_mask = (torch.arange(longest, device=device)[None, :] < own[:, None])[:, None, None, :]
+        groups.append(AttentionGroup(len(rows), longest, torch.tensor(tokens, device=device),
+                                     torch.tensor(slots, device=device), key_mask))
+    return groups
+
+
 def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     """Self-attention of each pair over its own tokens: packed [tokens, 3 x hidden] in,
     packed [tokens, hidden] out."""
@@ -72,10 +121,24 @@ def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
         longest = packing.longest
         out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, longest, longest)
         return out.reshape(tokens, hidden)
+    if packing.groups is not None:
+        out = qkv.new_empty(tokens, hidden)
+        for g in packing.groups:
+            padded = qkv.new_zeros(g.rows * g.longest, width).index_copy_(0, g.slots, qkv.index_select(0, g.tokens))
+            ctx = _sdpa(padded, g.rows, g.longest, heads, head_dim, g.key_mask)
+            out.index_copy_(0, g.tokens, ctx.reshape(g.rows * g.longest, hidden).index_select(0, g.slots))
+        return out
     rows, longest = packing.rows, packing.longest
-    q, k, v = packing.unpack(qkv).view(rows, longest, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask)  # [rows, heads, longest, dim]
-    return packing.pack(out.transpose(1, 2).reshape(rows, longest, hidden))
+    ctx = _sdpa(packing.unpack(qkv), rows, longest, heads, head_dim, packing.key_mask)
+    return packing.pack(ctx)
+
+
+def _sdpa(padded_qkv: torch.Tensor, rows: int, longest: int, heads: int, head_dim: int,
+          key_mask: torch.Tensor | None) -> torch.Tensor:
+    """[rows * longest, 3 x hidden] -> [rows, longest, hidden] through SDPA with a key mask."""
+    q, k, v = padded_qkv.view(rows, longest, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [rows, heads, longest, dim]
+    return out.transpose(1, 2).reshape(rows, longest, heads * head_dim)
 
 
 try:  # variable-length flash attention (CUDA, fp16/bf16) in recent torch
@@ -143,7 +206,8 @@ class PackedEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        packing = Packing.of(attention_mask)
+        # CUDA runs the variable-length kernel (fp16/bf16) or one padded call; the CPU groups pairs.
+        packing = Packing.of(attention_mask, grouped=not attention_mask.is_cuda)
         if self.kind == "distilbert":
             embedded = self.embeddings(input_ids)
         else:  # position ids come from the padded layout (RoBERTa's skip its padding id), as in HF

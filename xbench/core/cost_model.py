@@ -2,11 +2,12 @@
 
 A forward pass over `rows` pairs padded to `longest` tokens costs about
 
-    overhead + per_token * tokens + per_attention * rows * longest**2
+    overhead + per_token * tokens + per_attention * attention
 
 where `tokens` is what the dense layers (the GEMMs, layer norms, GELU) run on: rows x longest for
-a padded backend, the real tokens alone for a packed one; attention grows with the square of the
-padded length. The three coefficients are fitted at start-up from a few timed shapes on the
+a padded backend, the real tokens alone for a packed one; and `attention` is rows x longest**2
+for a padded backend, the sum of each pair's own length squared for a packed one (whose
+attention runs per pair, or per group of similar lengths). The three coefficients are fitted at start-up from a few timed shapes on the
 running backend, so the same planner is right for a 2-core CPU (where padding is costly and a
 batch's fixed cost is small) and for a GPU (where the fixed cost dominates). Fits are cached per
 machine, model, backend, precision and thread count.
@@ -48,9 +49,11 @@ class CostModel:
     packed: bool = False  # dense layers run on the real tokens only
     source: str = "prior"  # prior | calibrated | cached
 
-    def batch_cost(self, rows: int, longest: int, real_tokens: int) -> float:
-        tokens = real_tokens if self.packed else rows * longest
-        return self.overhead_s + self.per_token_s * tokens + self.per_attention_s * rows * longest * longest
+    def batch_cost(self, lengths: Sequence[int]) -> float:
+        rows, longest = len(lengths), max(lengths)
+        tokens = sum(lengths) if self.packed else rows * longest
+        attention = sum(n * n for n in lengths) if self.packed else rows * longest * longest
+        return self.overhead_s + self.per_token_s * tokens + self.per_attention_s * attention
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,29 +67,41 @@ PRIOR = CostModel(overhead_s=50e-6, per_token_s=1e-6, per_attention_s=1e-6 / 128
 def plan(lengths: Sequence[int], cost: CostModel, max_rows: int, max_padded_tokens: int) -> list[list[int]]:
     """Positions 0..n-1 cut into batches of least total estimated cost. Each batch is a run of
     the length-sorted order (an optimal cut never interleaves lengths); a batch holds at most
-    `max_rows` rows and `max_padded_tokens` padded tokens (a lone over-long pair still runs)."""
+    `max_rows` rows and `max_padded_tokens` padded tokens (a lone over-long pair still runs).
+    Cuts fall on multiples of max_rows // 32 rows (every row up to 63-row batches), so a plan
+    over thousands of pairs for a wide GPU batch stays a few milliseconds of work."""
     n = len(lengths)
     if n == 0:
         return []
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
     s = np.asarray(lengths, dtype=np.float64)[order]
     prefix = np.concatenate(([0.0], np.cumsum(s)))
-    best = np.zeros(n + 1)
-    start = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
+    squares = np.concatenate(([0.0], np.cumsum(s * s)))
+    step = max(1, max_rows // 32)
+    points = np.unique(np.append(np.arange(0, n, step), n))  # candidate cut positions, 0 .. n
+    best = np.zeros(len(points))
+    start = np.zeros(len(points), dtype=np.int64)  # index into points where the last batch begins
+    for t in range(1, len(points)):
+        j = points[t]
         longest = s[j - 1]
-        k_max = min(max_rows, j, max(1, int(max_padded_tokens // max(longest, 1))))
-        i = np.arange(j - 1, j - k_max - 1, -1)  # batch = sorted positions i..j-1, k = j - i rows
+        k_max = min(max_rows, max(1, int(max_padded_tokens // max(longest, 1))))
+        first = max(int(np.searchsorted(points, j - k_max)), 0)
+        if first >= t:  # the step is wider than the caps allow: the nearest cut still runs
+            first = t - 1
+        i = points[first:t]
         rows = j - i
-        tokens = prefix[j] - prefix[i] if cost.packed else rows * longest
-        total = best[i] + cost.overhead_s + cost.per_token_s * tokens + cost.per_attention_s * rows * longest * longest
+        if cost.packed:
+            tokens, attention = prefix[j] - prefix[i], squares[j] - squares[i]
+        else:
+            tokens, attention = rows * longest, rows * longest * longest
+        total = best[first:t] + cost.overhead_s + cost.per_token_s * tokens + cost.per_attention_s * attention
         k = int(np.argmin(total))
-        best[j], start[j] = total[k], i[k]
+        best[t], start[t] = total[k], first + k
     cuts: list[list[int]] = []
-    j = n
-    while j > 0:
-        cuts.append(order[start[j]:j].tolist())
-        j = int(start[j])
+    t = len(points) - 1
+    while t > 0:
+        cuts.append(order[points[start[t]]:points[t]].tolist())
+        t = int(start[t])
     return cuts[::-1]
 
 

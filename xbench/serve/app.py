@@ -67,6 +67,7 @@ class RerankService:
                 self.metrics.model_info.labels(inst.name, d["backend"], d["device"], d["precision"]).set(1)
             first = next(iter(self.pipelines.values()))
             self.metrics.watch_queue(lambda: sum(p.batcher.queue_size for p in self.pipelines.values()))
+            self.metrics.watch_efficiency(self._padding_efficiency)
             self._default = first
             self.ready = True
             log.info("serving %s", ", ".join(self.pipelines))
@@ -82,7 +83,15 @@ class RerankService:
     def _observe_batch(self, batch: ModelBatch, seconds: float) -> None:
         self.metrics.batch_size.observe(batch.rows)
         self.metrics.batch_tokens.observe(batch.padded_tokens)
+        self.metrics.batch_longest.observe(batch.input_ids.shape[1])
+        self.metrics.real_tokens.inc(batch.real_tokens)
+        self.metrics.padded_tokens.inc(batch.padded_tokens)
         self.metrics.batch_duration.observe(seconds)
+
+    def _padding_efficiency(self) -> float:
+        counts = [p.models.token_counts() for p in list(self.pipelines.values())]
+        computed = sum(c.computed_tokens for c in counts)
+        return sum(c.real_tokens for c in counts) / computed if computed else 1.0
 
     # -- checks ---------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -216,11 +225,13 @@ class RerankService:
             d = p.describe()
             models.append({"model": name, "backend": d["backend"], "device": d["device"], "precision": d["precision"],
                            "max_input_length": p.max_length, "model_workers": d["model_workers"],
+                           "packed": d["packed"], "planner": d["planner"], "batch_cost_model": d["batch_cost_model"],
                            "relevance_trained": p.model.relevance_trained, "note": p.model.note})
         first = models[0] if models else {}
         return JSONResponse({
             "model": first.get("model"), "backend": first.get("backend"), "precision": first.get("precision"),
             "device": first.get("device"), "relevance_trained": first.get("relevance_trained"),
+            "packed": first.get("packed"),
             "max_input_length": first.get("max_input_length"),
             "max_client_batch_size": self.server.max_client_batch_size,
             "max_batch_tokens": self.cfg.batching.max_batch_tokens,

@@ -12,6 +12,7 @@ disable_created_metrics()  # the *_created series double every counter for no us
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_TOKENS_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+SEQUENCE_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 1024)
 
 
 class Metrics:
@@ -27,6 +28,14 @@ class Metrics:
         self.batch_size = Histogram("xbench_batch_size_pairs", "Rows per model batch.", buckets=BATCH_ROWS_BUCKETS, registry=r)
         self.batch_tokens = Histogram("xbench_batch_tokens", "Padded tokens per model batch.", buckets=BATCH_TOKENS_BUCKETS,
                                       registry=r)
+        self.batch_longest = Histogram("xbench_batch_longest_tokens", "Longest pair per model batch (its padded width).",
+                                       buckets=SEQUENCE_BUCKETS, registry=r)
+        self.real_tokens = Counter("xbench_batch_real_tokens", "Real (unpadded) tokens through the model.", registry=r)
+        self.padded_tokens = Counter("xbench_batch_padded_tokens", "Padded tokens (rows x longest) through the model.",
+                                     registry=r)
+        self.padding_efficiency = Gauge("xbench_padding_efficiency", "Real tokens / tokens the dense layers computed, "
+                                        "since start (1 = no compute spent on padding; packed backends compute real "
+                                        "tokens only).", registry=r)
         self.batch_duration = Histogram("xbench_batch_duration_seconds", "Forward pass time per model batch.",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.queue_size = Gauge("xbench_queue_size_pairs", "Pairs waiting in the batcher.", registry=r)
@@ -36,3 +45,6 @@ class Metrics:
 
     def watch_queue(self, size: Callable[[], int]) -> None:
         self.queue_size.set_function(size)
+
+    def watch_efficiency(self, efficiency: Callable[[], float]) -> None:
+        self.padding_efficiency.set_function(efficiency)

@@ -135,6 +135,7 @@ def ctranslate2(model_dir: Path, threads: int, compute_type: str) -> Scorer:
                           intra_threads=threads)
     head = Head(model_dir)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.no_padding()  # CTranslate2 takes ragged lists: padding ids would count as tokens
     tok.enable_truncation(512)
 
     def score(r: Request) -> np.ndarray:

@@ -105,7 +105,7 @@ def brute_force_cost(lengths, cost, max_rows):
 @pytest.mark.parametrize("packed", [False, True])
 def test_plan_finds_the_least_cost_cut(packed):
     rng = np.random.default_rng(1)
-    cost = CostModel(overhead_s=3e-3, per_token_s=2e-5, per_attention_s=2e-8, packed=packed)
+    cost = CostModel(overhead_s=3e-3, per_token_s=2e-5, per_attention_s=2e-8, packed=packed, varlen_attention=packed)
     for _ in range(20):
         lengths = rng.integers(5, 400, size=int(rng.integers(1, 11))).tolist()
         cuts = plan(lengths, cost, max_rows=4, max_padded_tokens=10**9)
@@ -128,8 +128,8 @@ def test_plan_splits_long_tails_and_keeps_uniform_batches_full():
 def test_fit_recovers_the_cost_terms():
     truth = CostModel(overhead_s=0.02, per_token_s=1.2e-4, per_attention_s=1e-7)
     samples = [(r, n, truth.batch_cost([n] * r)) for r, n in cost_model.CALIBRATION_SHAPES]
-    got = fit(samples, packed=True)
-    assert got.packed and got.source == "calibrated"
+    got = fit(samples)
+    assert got.source == "calibrated"
     for field in ("overhead_s", "per_token_s", "per_attention_s"):
         assert getattr(got, field) == pytest.approx(getattr(truth, field), rel=1e-3)
 
@@ -141,13 +141,13 @@ def test_calibration_is_cached_per_key(tmp_path):
         calls.append((rows, length))
 
     key = {"backend": "pytorch", "precision": "fp32", "threads": 2}
-    first = load_or_calibrate(key, forward, packed=True, folder=tmp_path)
+    first = load_or_calibrate(key, forward, folder=tmp_path)
     timed = len(calls)
     assert first.source == "calibrated" and timed >= len(cost_model.CALIBRATION_SHAPES)
-    again = load_or_calibrate(key, forward, packed=True, folder=tmp_path)
+    again = load_or_calibrate(key, forward, folder=tmp_path)
     assert again.source == "cached" and len(calls) == timed  # nothing re-timed
     assert (again.overhead_s, again.per_token_s) == (first.overhead_s, first.per_token_s)
-    load_or_calibrate({**key, "precision": "int8"}, forward, packed=True, folder=tmp_path)
+    load_or_calibrate({**key, "precision": "int8"}, forward, folder=tmp_path)
     assert len(calls) > timed  # another precision is another fit
 
 

@@ -28,9 +28,11 @@ class Backend(Protocol):
         """What results and /info should record about this backend (versions, threads)."""
         ...
 
-    # Whether the dense layers run on the real tokens only (no compute spent on padding); the
-    # batch planner's cost model and the padding-efficiency counters read it. False if absent.
+    # Whether the dense layers run on the real tokens only (no compute spent on padding), and
+    # whether attention costs each pair's own length squared rather than the batch's longest;
+    # the batch planner's cost model and the padding-efficiency counters read them. False if absent.
     packed: bool
+    varlen_attention: bool
 
 
 def relevance(logits: np.ndarray) -> np.ndarray:

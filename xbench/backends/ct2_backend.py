@@ -122,8 +122,10 @@ class CTranslate2Backend:
         self.encoder = ctranslate2.Encoder(str(self.path), device=device, compute_type=self.compute_type,
                                            intra_threads=threads, inter_threads=1)
         self.uses_token_types = self.head.kind != "distilbert"
-        # CTranslate2 drops padding before its dense layers, except in float16 on CUDA.
+        # CTranslate2 drops padding before its dense layers (except in float16 on CUDA) and pads
+        # again for attention.
         self.packed = not (device == "cuda" and precision == "fp16")
+        self.varlen_attention = False
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         import ctranslate2

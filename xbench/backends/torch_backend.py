@@ -116,6 +116,7 @@ class TorchBackend:
         self.packed = PackedEncoder.supports(model) if packed is None else packed
         if self.packed:
             model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
+        self.varlen_attention = self.packed
         if precision == "int8":
             self.model = quantize_int8(model)
         elif precision == "int4":

@@ -5,9 +5,10 @@ A forward pass over `rows` pairs padded to `longest` tokens costs about
     overhead + per_token * tokens + per_attention * attention
 
 where `tokens` is what the dense layers (the GEMMs, layer norms, GELU) run on: rows x longest for
-a padded backend, the real tokens alone for a packed one; and `attention` is rows x longest**2
-for a padded backend, the sum of each pair's own length squared for a packed one (whose
-attention runs per pair, or per group of similar lengths). The three coefficients are fitted at start-up from a few timed shapes on the
+a padded backend, the real tokens alone for a packed one (PyTorch packed, CTranslate2); and
+`attention` is rows x longest**2, or the sum of each pair's own length squared for a backend
+whose attention runs per pair (PyTorch packed: variable-length kernels or groups of similar
+length; CTranslate2 pads again for attention). The three coefficients are fitted at start-up from a few timed shapes on the
 running backend, so the same planner is right for a 2-core CPU (where padding is costly and a
 batch's fixed cost is small) and for a GPU (where the fixed cost dominates). Fits are cached per
 machine, model, backend, precision and thread count.
@@ -47,12 +48,13 @@ class CostModel:
     per_token_s: float
     per_attention_s: float
     packed: bool = False  # dense layers run on the real tokens only
+    varlen_attention: bool = False  # attention costs each pair's own length squared
     source: str = "prior"  # prior | calibrated | cached
 
     def batch_cost(self, lengths: Sequence[int]) -> float:
         rows, longest = len(lengths), max(lengths)
         tokens = sum(lengths) if self.packed else rows * longest
-        attention = sum(n * n for n in lengths) if self.packed else rows * longest * longest
+        attention = sum(n * n for n in lengths) if self.varlen_attention else rows * longest * longest
         return self.overhead_s + self.per_token_s * tokens + self.per_attention_s * attention
 
     def describe(self) -> dict[str, Any]:
@@ -90,10 +92,8 @@ def plan(lengths: Sequence[int], cost: CostModel, max_rows: int, max_padded_toke
             first = t - 1
         i = points[first:t]
         rows = j - i
-        if cost.packed:
-            tokens, attention = prefix[j] - prefix[i], squares[j] - squares[i]
-        else:
-            tokens, attention = rows * longest, rows * longest * longest
+        tokens = prefix[j] - prefix[i] if cost.packed else rows * longest
+        attention = squares[j] - squares[i] if cost.varlen_attention else rows * longest * longest
         total = best[first:t] + cost.overhead_s + cost.per_token_s * tokens + cost.per_attention_s * attention
         k = int(np.argmin(total))
         best[t], start[t] = total[k], first + k
@@ -105,7 +105,7 @@ def plan(lengths: Sequence[int], cost: CostModel, max_rows: int, max_padded_toke
     return cuts[::-1]
 
 
-def fit(samples: Sequence[tuple[int, int, float]], packed: bool) -> CostModel:
+def fit(samples: Sequence[tuple[int, int, float]]) -> CostModel:
     """Least-squares fit of (rows, length, seconds) samples, each term kept non-negative (a
     term the data cannot support is dropped and the rest refitted)."""
     x = np.array([[1.0, r * n, r * n * n] for r, n, _ in samples])
@@ -120,13 +120,14 @@ def fit(samples: Sequence[tuple[int, int, float]], packed: bool) -> CostModel:
         keep.pop(int(np.argmin(sol)))
     if coef[1] <= 0:  # the dense term is what every plan relies on; never let it vanish
         coef[1] = float(np.median(y / x[:, 1]))
-    return CostModel(float(coef[0]), float(coef[1]), float(coef[2]), packed=packed, source="calibrated")
+    return CostModel(float(coef[0]), float(coef[1]), float(coef[2]), source="calibrated")
 
 
-def calibrate(forward: Callable[[int, int], None], packed: bool, repeats: int = 2,
+def calibrate(forward: Callable[[int, int], None], repeats: int = 2,
               budget_s: float = CALIBRATION_BUDGET_S) -> tuple[CostModel, list[tuple[int, int, float]]]:
     """Time `forward(rows, length)` on CALIBRATION_SHAPES (best of `repeats`; the backend is
-    already warm) until the budget is spent, and fit a CostModel to the timings."""
+    already warm) until the budget is spent, and fit a CostModel to the timings (uniform shapes:
+    padded and packed costs agree on them, so one fit serves either way of running)."""
     samples: list[tuple[int, int, float]] = []
     began = time.perf_counter()
     for rows, length in CALIBRATION_SHAPES:
@@ -134,7 +135,7 @@ def calibrate(forward: Callable[[int, int], None], packed: bool, repeats: int = 
             break
         best = min(_timed(forward, rows, length) for _ in range(repeats))
         samples.append((rows, length, best))
-    return fit(samples, packed), samples
+    return fit(samples), samples
 
 
 def _timed(forward: Callable[[int, int], None], rows: int, length: int) -> float:
@@ -148,8 +149,7 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def load_or_calibrate(key_parts: dict[str, Any], forward: Callable[[int, int], None], packed: bool,
-                      folder: Path) -> CostModel:
+def load_or_calibrate(key_parts: dict[str, Any], forward: Callable[[int, int], None], folder: Path) -> CostModel:
     """The cached fit for these key parts, or a new calibration written to the cache."""
     path = folder / f"{cache_key(key_parts)}.json"
     try:
@@ -157,7 +157,7 @@ def load_or_calibrate(key_parts: dict[str, Any], forward: Callable[[int, int], N
         return replace(CostModel(**doc["model"]), source="cached")
     except (OSError, ValueError, TypeError, KeyError):
         pass
-    model, samples = calibrate(forward, packed)
+    model, samples = calibrate(forward)
     log.info("calibrated batch cost model: %s", model)
     try:
         folder.mkdir(parents=True, exist_ok=True)

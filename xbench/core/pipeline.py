@@ -78,7 +78,9 @@ class Pipeline:
                "weights": [stat.st_size, stat.st_mtime_ns] if stat else None, "backend": backend_name,
                "device": device, "precision": self.instance.quantization, "threads": self.models.threads,
                "packed": self.models.packed, "max_length": self.max_length}
-        self.batcher.cost = cost_model.load_or_calibrate(key, forward, self.models.packed, cache_dir() / "costs")
+        fitted = cost_model.load_or_calibrate(key, forward, cache_dir() / "costs")
+        self.batcher.cost = dataclasses.replace(fitted, packed=self.models.packed,
+                                                varlen_attention=bool(getattr(backend, "varlen_attention", False)))
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> Future[RerankResult]:

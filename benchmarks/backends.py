@@ -23,7 +23,8 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 from xbench.backends import create_backend
-from xbench.bench.ceilings import ceilings_table, cpu_features, gemm_ceilings
+from xbench.bench.ceilings import ceilings_table, gemm_ceilings
+from xbench.env import cpu_features
 from xbench.bench.runners import progress_bar
 from xbench.config import compose_config
 from xbench.core.batcher import padded_batches

@@ -147,7 +147,7 @@ def ctranslate2(model_dir: Path, threads: int, compute_type: str) -> Scorer:
 
 
 def xbench(overrides: list[str]) -> tuple[Scorer, Pipeline]:
-    pipe = Pipeline(compose_config(overrides)).start()
+    pipe = Pipeline.from_config(compose_config(overrides)).start()
     return (lambda r: pipe.submit(r.pairs).result().logits), pipe
 
 

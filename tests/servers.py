@@ -41,7 +41,7 @@ class RunningServer:
 def start_server(overrides: list[str], api_key: str | None = None, ready_timeout: float = 120) -> RunningServer:
     port = free_port()
     env = dict(os.environ)
-    env.pop("XBENCH_API_KEY", None)
+    env.pop("XBENCH_SERVER_API_KEY", None)
     args = [sys.executable, "-m", "xbench", "serve", "--port", str(port), *overrides]
     if api_key:
         args.append(f"server.api_key={api_key}")

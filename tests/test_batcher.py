@@ -1,11 +1,22 @@
-import threading
-import time
+"""The batcher: order, bucketing, waiting rules (on an injected clock), reservations, hang-ups."""
 
 import numpy as np
 
 from xbench.config import BatchingConfig
-from xbench.core.batcher import Batcher, PendingRequest, collate, plan_batches
+from xbench.core.batcher import Batcher, collate, plan_batches
+from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import Encoded
+from xbench.errors import RequestCancelled
+
+
+class Clock:
+    """A clock the test moves by hand: waiting rules are checked without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def encoded(lengths):
@@ -13,9 +24,18 @@ def encoded(lengths):
     return Encoded(ids, [np.zeros(n, dtype=np.int32) for n in lengths])
 
 
-def request(lengths):
-    now = time.perf_counter()
-    return PendingRequest(encoded(lengths), submitted=now, tokenize_started=now)
+def job(lengths, clock=None):
+    j = RerankJob([])
+    j.queued(encoded(lengths))
+    if clock is not None:
+        j.enqueued = clock.now
+    return j
+
+
+def score_by_length(batch):
+    """The "model" scores a pair by its length: any mix-up of order shows."""
+    for m in batch.members:
+        m.job.deliver([m.index], np.array([m.length], dtype=np.float32), 0.0)
 
 
 def test_plan_batches_buckets_by_length():
@@ -33,8 +53,10 @@ def test_plan_batches_respects_the_padded_token_budget():
 
 def test_bucketing_cuts_padding():
     lengths = [10, 200] * 16
+
     def padded(bucketing):
         return sum(len(b) * max(lengths[i] for i in b) for b in plan_batches(lengths, 8, 10**6, bucketing))
+
     assert padded(True) < 0.6 * padded(False)
 
 
@@ -47,75 +69,89 @@ def test_collate_pads_right_with_mask():
 
 def test_batches_mix_requests_and_each_request_gets_its_own_order():
     b = Batcher(BatchingConfig(max_batch_size=4, timeout_ms=1000))
-    reqs = [request([9, 3, 7]), request([2, 8, 5])]
-    for r in reqs:
-        b.put(r, expected=False)
+    jobs = [job([9, 3, 7]), job([2, 8, 5])]
+    for j in jobs:
+        b.put(j)
     seen = 0
     while seen < 6:
         batch = b.next_batch()
         assert batch.rows <= 4
-        # the "model" scores a pair by its length: any mix-up of order shows
-        batch_start = time.perf_counter()
-        for m in batch.members:
-            m.request.deliver([m.index], np.array([m.length], dtype=np.float32), batch_start)
+        score_by_length(batch)
         seen += batch.rows
-    assert reqs[0].future.result().logits.tolist() == [9, 3, 7]
-    assert reqs[1].future.result().logits.tolist() == [2, 8, 5]
+    assert jobs[0].result(0).logits.tolist() == [9, 3, 7]
+    assert jobs[1].result(0).logits.tolist() == [2, 8, 5]
 
 
 def test_lone_request_is_not_held_for_the_timeout():
-    b = Batcher(BatchingConfig(max_batch_size=32, timeout_ms=2000))
-    b.put(request([5]), expected=False)  # nothing else is being tokenized
-    t0 = time.perf_counter()
+    clock = Clock()
+    b = Batcher(BatchingConfig(max_batch_size=32, timeout_ms=2000), clock=clock)
+    b.put(job([5], clock))  # nothing else is being tokenized: due at once, whatever the clock says
     assert b.next_batch().rows == 1
-    assert time.perf_counter() - t0 < 0.1
 
 
-def test_waits_for_more_pairs_while_some_are_on_their_way():
-    b = Batcher(BatchingConfig(max_batch_size=4, timeout_ms=3000))
-    b.expect()
-    b.expect()
-    b.put(request([5, 5]))  # one more request is still being tokenized
-    threading.Timer(0.2, lambda: b.put(request([6, 6]))).start()
-    t0 = time.perf_counter()
+def test_a_reservation_holds_the_batch_open_until_its_pairs_arrive():
+    clock = Clock()
+    b = Batcher(BatchingConfig(max_batch_size=4, timeout_ms=3000), clock=clock)
+    first, second = job([5, 5], clock), job([6, 6], clock)
+    second.reservation = b.reserve()  # still being tokenized
+    b.put(first)
+    assert not b._due_now()  # 2 of 4 rows, more on their way, the timeout not reached
+    b.put(second)  # arrives: uses up its reservation
     batch = b.next_batch()
-    waited = time.perf_counter() - t0
-    assert batch.rows == 4  # both requests in one batch
-    assert 0.15 < waited < 2.0
+    assert batch.rows == 4 and {m.job for m in batch.members} == {first, second}
 
 
-def test_timeout_bounds_the_wait():
-    b = Batcher(BatchingConfig(max_batch_size=32, timeout_ms=100))
-    b.expect()
-    b.expect()
-    b.put(request([5]))  # the other expected request never comes
-    t0 = time.perf_counter()
+def test_the_timeout_bounds_the_wait_for_a_reservation_that_never_arrives():
+    clock = Clock()
+    b = Batcher(BatchingConfig(max_batch_size=32, timeout_ms=100), clock=clock)
+    stuck = RerankJob([])
+    stuck.reservation = b.reserve()
+    b.put(job([5], clock))
+    assert not b._due_now()
+    clock.now += 0.1  # the oldest pair has waited timeout_ms
+    assert b._due_now()
     assert b.next_batch().rows == 1
-    assert 0.08 < time.perf_counter() - t0 < 1.0
+
+
+def test_a_job_that_fails_before_the_batcher_releases_its_reservation():
+    b = Batcher(BatchingConfig(max_batch_size=32, timeout_ms=10_000))
+    failed = RerankJob([])
+    failed.reservation = b.reserve()
+    failed.fail(ValueError("tokenizer broke"))
+    failed.fail(ValueError("twice"))  # settled once: the reservation is not released twice
+    assert b._incoming == 0
+    b.put(job([5]))
+    assert b.next_batch().rows == 1  # not held for the 10 s timeout
 
 
 def test_disabled_batching_never_mixes_requests():
     b = Batcher(BatchingConfig(enabled=False, max_batch_size=8))
-    r1, r2 = request([3, 4]), request([5])
-    b.put(r1, expected=False)
-    b.put(r2, expected=False)
-    assert {m.request for m in b.next_batch().members} == {r1}
-    assert {m.request for m in b.next_batch().members} == {r2}
+    j1, j2 = job([3, 4]), job([5])
+    b.put(j1)
+    b.put(j2)
+    assert {m.job for m in b.next_batch().members} == {j1}
+    assert {m.job for m in b.next_batch().members} == {j2}
 
 
-def test_cancelled_requests_are_dropped_before_compute():
+def test_cancelled_jobs_are_dropped_before_compute():
     b = Batcher(BatchingConfig(max_batch_size=8))
-    gone, kept = request([3, 3]), request([4])
-    b.put(gone, expected=False)
-    b.put(kept, expected=False)
+    gone, kept = job([3, 3]), job([4])
+    b.put(gone)
+    b.put(kept)
     gone.cancel()
     batch = b.next_batch()
-    assert [m.request for m in batch.members] == [kept]
+    assert [m.job for m in batch.members] == [kept]
+    try:
+        gone.result(0)
+    except RequestCancelled:
+        pass
+    else:
+        raise AssertionError("a cancelled job has no result")
 
 
 def test_close_drains_then_ends():
     b = Batcher(BatchingConfig())
-    b.put(request([3]), expected=False)
+    b.put(job([3]))
     b.close()
     assert b.next_batch() is not None
     assert b.next_batch() is None

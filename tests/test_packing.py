@@ -158,10 +158,11 @@ def test_a_lone_long_tailed_request_is_cut_into_length_groups():
     b.cost = CostModel(overhead_s=5e-3, per_token_s=1e-4, per_attention_s=1e-7)
     lengths = [12, 400, 15, 18, 450, 20, 16, 14] * 4
     ids = [np.ones(n, dtype=np.int32) for n in lengths]
-    from xbench.core.batcher import PendingRequest
+    from xbench.core.request import RerankJob
 
-    req = PendingRequest(Encoded(ids, [np.zeros(n, dtype=np.int32) for n in lengths]), 0.0, 0.0)
-    b.put(req, expected=False)  # nothing else queued or on its way
+    job = RerankJob([])
+    job.queued(Encoded(ids, [np.zeros(n, dtype=np.int32) for n in lengths]))
+    b.put(job)  # nothing else queued or on its way
     widths = []
     while sum(widths) < len(lengths):
         batch = b.next_batch()
@@ -175,7 +176,7 @@ def test_ten_thousand_mixed_documents_come_back_complete_and_in_order(tiny_overr
     pairs = w.pairs(10_000)
     rows = []
     cfg = compose_config(tiny_overrides + ["model_pool.instances.0.max_length=128"])
-    with Pipeline(cfg, observe_batch=lambda batch, s: rows.append(batch.rows)) as pipe:
+    with Pipeline.from_config(cfg, observe_batch=lambda batch, s: rows.append(batch.rows)) as pipe:
         got = pipe.submit(pairs).result(timeout=300).logits
         solo = np.concatenate([pipe.submit(pairs[i:i + 1]).result(timeout=30).logits for i in (0, 4321, 9999)])
     assert len(got) == 10_000 and len(rows) > 10_000 // 32

@@ -8,7 +8,8 @@ import torch
 
 from xbench.backends.torch_backend import load_torch_model
 from xbench.config import compose_config
-from xbench.core.pipeline import InputTooLong, Pipeline
+from xbench.core.pipeline import Pipeline
+from xbench.errors import InputTooLong
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.errors import ModelError
 from xbench.models import materialize_default, resolve_model
@@ -57,7 +58,7 @@ def test_pipeline_scores_match_direct_model_call_in_order(tiny_model, tiny_overr
     cfg = compose_config(tiny_overrides + overrides)
     w = synthetic(256, seed=2)
     requests = [w.request(i, 7 + i) for i in range(6)]  # uneven sizes, mixed in batches
-    with Pipeline(cfg) as pipe:
+    with Pipeline.from_config(cfg) as pipe:
         futures = [pipe.submit(r.pairs) for r in requests]
         results = [f.result(timeout=60) for f in futures]
     for r, res in zip(requests, results):
@@ -67,14 +68,14 @@ def test_pipeline_scores_match_direct_model_call_in_order(tiny_model, tiny_overr
 
 
 def test_empty_request_resolves_at_once(tiny_overrides):
-    with Pipeline(compose_config(tiny_overrides)) as pipe:
+    with Pipeline.from_config(compose_config(tiny_overrides)) as pipe:
         assert len(pipe.submit([]).result(timeout=5).logits) == 0
 
 
 def test_overlong_pairs_with_truncation_off_fail_before_the_model(tiny_overrides):
     batches = []
     cfg = compose_config(tiny_overrides + ["model_pool.instances.0.max_length=32"])
-    with Pipeline(cfg, observe_batch=lambda batch, seconds: batches.append(batch.rows)) as pipe:
+    with Pipeline.from_config(cfg, observe_batch=lambda batch, seconds: batches.append(batch.rows)) as pipe:
         with pytest.raises(InputTooLong, match="2 input"):
             pipe.submit([("q", "word " * 50), ("q", "short"), ("q", "word " * 40)], truncate=False).result(timeout=10)
         assert batches == []  # nothing reached the model

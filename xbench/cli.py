@@ -134,7 +134,7 @@ def load_command(
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides (experiment.*).", show_default=False),
     api: str = typer.Option("cohere", "--api", help="Request shape: cohere (/v1/rerank), cohere-v2 (/v2/rerank) or tei (/rerank)."),
     model: Optional[str] = typer.Option(None, "--model", help="`model` field sent with Cohere-shaped requests."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="XBENCH_API_KEY", help="Bearer token."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="XBENCH_API_KEY", help="Bearer token sent to the server (the server's own key is server.api_key or XBENCH_SERVER_API_KEY)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL workload (default: seeded synthetic pairs)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Result JSON file (one point) or folder."),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Documents per request."),
@@ -146,7 +146,7 @@ def load_command(
     slo: Optional[str] = typer.Option(None, "--slo", help="Find the highest rate meeting a bound, e.g. p99_ms=500."),
 ) -> None:
     """Drive any rerank HTTP endpoint (xbench serve, TEI, Infinity, vLLM, ...) with the same load generator."""
-    from xbench.bench.http import API_PATHS, HttpTarget
+    from xbench.bench.http import HttpTarget
     from xbench.bench.runners import grid, run_points
     from xbench.bench.slo import slo_search
     from xbench.config import compose_config
@@ -154,8 +154,10 @@ def load_command(
     from xbench.results.report import render_table
     from xbench.workload import make_workload
 
-    if api not in API_PATHS:
-        raise ConfigError(f"--api {api!r} is not one of {', '.join(API_PATHS)}")
+    from xbench.serve.apis import DIALECTS
+
+    if api not in DIALECTS:
+        raise ConfigError(f"--api {api!r} is not one of {', '.join(DIALECTS)}")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"URL {url!r} must start with http:// or https://")
     cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests)])

@@ -1,4 +1,16 @@
-"""Typed errors. Each maps to one CLI exit code and one HTTP status."""
+"""Every error xbench reports, in two families.
+
+- `XbenchError` and its subclasses are a user's mistakes at the command line or in a config
+  (a bad key, a missing file, a model that cannot be loaded): the CLI prints one line and exits 2.
+- `ServiceError` is how a rerank request can end: its `ErrorKind` decides the HTTP status in
+  one place (`ErrorKind.status`), and each API dialect (serve/apis/) renders it in the shape its
+  clients parse. The core raises kinds of it too (`InputTooLong`, `RequestCancelled`), so a
+  request fails the same way in process and over HTTP.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
 
 
 class XbenchError(Exception):
@@ -6,7 +18,7 @@ class XbenchError(Exception):
 
 
 class ConfigError(XbenchError):
-    """A bad option, config key or value (CLI exit 2, HTTP 400/422)."""
+    """A bad option, config key or value (CLI exit 2)."""
 
 
 class ModelError(XbenchError):
@@ -19,3 +31,51 @@ class DataError(XbenchError):
 
 class BackendUnavailable(ConfigError):
     """A backend whose extra is not installed, or a device that is not present."""
+
+
+class ErrorKind(Enum):
+    """How a request can fail, with its HTTP status (TEI maps its ErrorType the same way)."""
+
+    MALFORMED = ("malformed", 400)  # not JSON, not an object, or a model that is not served
+    UNAUTHORIZED = ("unauthorized", 401)
+    TOO_LARGE = ("too_large", 413)  # too many documents, or a body over the limit
+    VALIDATION = ("validation", 422)  # a field of the wrong type or value
+    EMPTY = ("empty", 422)  # no documents to rank
+    TOO_LONG = ("too_long", 422)  # a pair over max_input_length with truncation off
+    OVERLOADED = ("overloaded", 429)
+    CANCELLED = ("cancelled", 499)  # the client went away
+    INTERNAL = ("internal", 500)  # the backend failed
+    UNAVAILABLE = ("unavailable", 503)  # the model is loading, failed to load, or a worker died
+
+    @property
+    def status(self) -> int:
+        return self.value[1]
+
+
+class ServiceError(Exception):
+    """A request's failure: its kind, a message that names the field where one can be named,
+    the field itself, and headers the response must carry (Retry-After)."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.kind, self.message, self.param = kind, message, param
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+
+class InputTooLong(ServiceError):
+    """Pairs longer than the model's max_length, sent with truncation off."""
+
+    def __init__(self, count: int, max_length: int, param: str | None = None):
+        super().__init__(ErrorKind.TOO_LONG, f"{count} input(s) are longer than max_input_length={max_length} tokens "
+                         "and truncate is false", param=param)
+
+
+class RequestCancelled(ServiceError):
+    """The client went away; its pairs were dropped before they cost compute."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorKind.CANCELLED, "the request was cancelled")

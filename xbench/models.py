@@ -47,6 +47,11 @@ class ResolvedModel:
         return d
 
 
+def effective_max_length(model: ResolvedModel, requested: int) -> int:
+    """The longest pair the model takes: the configured max_length, capped by its positions."""
+    return min(int(requested), model.max_position_embeddings)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("XBENCH_CACHE") or Path.home() / ".cache" / "xbench"
     return Path(root)

@@ -160,6 +160,14 @@ def load_jsonl(path: str | Path) -> Workload:
     return Workload(queries, documents, source=str(p))
 
 
+def document_text(document: Any) -> str | None:
+    """A document as rerank APIs and workload files give it: a string or {"text": string}.
+    None for anything else. The one normalizer of documents, for files and HTTP bodies alike."""
+    if isinstance(document, dict):
+        document = document.get("text")
+    return document if isinstance(document, str) else None
+
+
 def parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
     try:
         obj = json.loads(line)
@@ -173,11 +181,10 @@ def parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
             raise DataError(f'{where}: "documents" must be a non-empty list')
         out = []
         for k, d in enumerate(docs):
-            if isinstance(d, dict) and isinstance(d.get("text"), str):
-                d = d["text"]
-            if not isinstance(d, str):
+            text = document_text(d)
+            if text is None:
                 raise DataError(f'{where}: documents[{k}] must be a string or {{"text": string}}')
-            out.append(d)
+            out.append(text)
         return obj["query"], out, False
     if isinstance(obj.get("document"), str):
         return obj["query"], [obj["document"]], True

@@ -89,17 +89,9 @@ def register(spec: BackendSpec) -> None:
 
 
 def available_devices() -> list[str]:
-    devices = ["cpu"]
-    try:
-        import torch
+    from xbench.env import accelerators
 
-        if torch.cuda.is_available():
-            devices.append("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            devices.append("mps")
-    except ImportError:
-        pass
-    return devices
+    return ["cpu", *accelerators()]
 
 
 def normalize(backend: str, device: str) -> tuple[str, str]:

@@ -11,27 +11,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
+
+from xbench.env import cpu_features
 
 ROWS, HIDDEN, FFN = 2048, 384, 1536  # a batch of 32 pairs x 64 tokens; MiniLM-L6's hidden and FFN widths
-# CPU extensions that decide the low-precision fast paths (x86 and Arm names).
-MATRIX_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
-                   "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "bf16", "i8mm", "sve")
-
-
-def cpu_features() -> list[str]:
-    """The matrix-relevant extensions this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return [f for f in MATRIX_FEATURES if f in flags]
-
-
 def _rate(fn, ops: float, min_s: float) -> float:
     fn()  # warm-up: first-call packing and allocation
     reps, start = 0, time.perf_counter()

@@ -7,9 +7,9 @@ from urllib.parse import urlparse
 import httpx
 
 from xbench.bench.load import Send, Sent
+from xbench.serve.apis import DIALECTS
 from xbench.workload import Workload
 
-API_PATHS = {"cohere": "/v1/rerank", "cohere-v2": "/v2/rerank", "tei": "/rerank"}
 TIMING_HEADERS = {"queue": "x-queue-time", "tokenize": "x-tokenization-time", "infer": "x-inference-time"}
 
 
@@ -17,17 +17,8 @@ def endpoint(url: str, api: str) -> str:
     """A bare base URL gets the API's path; a URL with a path is used as given."""
     parsed = urlparse(url)
     if parsed.path in ("", "/"):
-        return url.rstrip("/") + API_PATHS[api]
+        return url.rstrip("/") + DIALECTS[api].path
     return url
-
-
-def request_body(api: str, query: str, documents: list[str], model: str | None) -> dict:
-    if api == "tei":
-        return {"query": query, "texts": documents, "raw_scores": False}
-    body: dict = {"query": query, "documents": documents}
-    if model:
-        body["model"] = model
-    return body
 
 
 class HttpTarget:
@@ -35,6 +26,7 @@ class HttpTarget:
                  timeout_s: float = 300.0):
         self.url = endpoint(url, api)
         self.api = api
+        self.dialect = DIALECTS[api]
         self.model = model
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
@@ -57,7 +49,7 @@ class HttpTarget:
         async def send(i: int) -> Sent:
             assert self.client is not None
             req = workload.request(i, batch)
-            r = await self.client.post(self.url, json=request_body(self.api, req.query, list(req.documents), self.model))
+            r = await self.client.post(self.url, json=self.dialect.request_body(req.query, list(req.documents), self.model))
             if r.status_code != 200:
                 return Sent(pairs=0, status=r.status_code, ok=False, error=f"HTTP {r.status_code}: {r.text[:120]}")
             stages = {k: float(r.headers[h]) / 1000.0 for k, h in TIMING_HEADERS.items() if h in r.headers}
@@ -65,6 +57,3 @@ class HttpTarget:
             return Sent(pairs=len(req.documents), stages_s=stages, status=200, tokens=tokens)
 
         return send
-
-    def close(self) -> None:
-        pass

@@ -20,12 +20,12 @@ from xbench.bench.load import LoadSpec, Send, Sent, generate
 from xbench.config import to_dict
 from xbench.core.model_pool import TokenCounts
 from xbench.core.pipeline import Pipeline
-from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-from xbench.models import ResolvedModel, resolve_model
+from xbench.core.request import RerankJob
+from xbench.core.tokenizer_pool import TokenizerPool
+from xbench.models import ResolvedModel, effective_max_length, resolve_model
 from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, run_id, write_json
 from xbench.workload import Workload, length_profile
 
-COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
 PRETOKENIZED_REQUESTS = 64  # distinct pre-tokenized requests infer-bench cycles over
 
 
@@ -36,8 +36,8 @@ class TokenizeTarget:
         inst = cfg.model_pool.instances[0]
         self.model = resolve_model(inst.name, inst.trust_remote_code)
         tp = cfg.tokenizer_pool
-        max_length = min(int(inst.max_length), self.model.max_position_embeddings)
-        self.pool = TokenizerPool(load_tokenizer(self.model.path, max_length), tp.workers, tp.parallelism, tp.mode)
+        max_length = effective_max_length(self.model, inst.max_length)
+        self.pool = TokenizerPool.for_model(self.model.path, max_length, tp)
         self.pool.warmup()
         self.model_info = model_info(self.model)
         self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism), "tokenizer_mode": tp.mode,
@@ -63,7 +63,7 @@ class PipelineTarget:
     pretokenized = False
 
     def __init__(self, cfg: DictConfig):
-        self.pipeline = Pipeline(cfg).start()
+        self.pipeline = Pipeline.from_config(cfg).start()
         self.model_info = model_info(self.pipeline.model)
         d = self.pipeline.describe()
         self.params = {k: d[k] for k in ("backend", "device", "precision", "max_length", "model_workers",
@@ -85,14 +85,14 @@ class PipelineTarget:
             encoded = [self.pipeline.tokenizers.encode(workload.request(i, batch).pairs)
                        for i in range(PRETOKENIZED_REQUESTS)]
 
-            def submit(i: int) -> Any:
+            def submit(i: int) -> RerankJob:
                 return self.pipeline.submit_encoded(encoded[i % len(encoded)])
         else:
-            def submit(i: int) -> Any:
+            def submit(i: int) -> RerankJob:
                 return self.pipeline.submit(workload.request(i, batch).pairs)
 
         async def send(i: int) -> Sent:
-            res = await asyncio.wrap_future(submit(i))
+            res = await submit(i).wait()
             stages = res.stages_s if not self.pretokenized else {"queue": res.stages_s["queue"], "infer": res.stages_s["infer"]}
             return Sent(pairs=len(res.logits), stages_s=stages, tokens=res.total_tokens)
 

@@ -6,7 +6,6 @@ import json
 import os
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from xbench.core.pipeline import Pipeline, sigmoid
+from xbench.core.request import RerankJob
 from xbench.workload import parse_line
 from xbench.errors import DataError
 
@@ -37,14 +37,14 @@ def score_file(cfg: DictConfig, data: Path, out: Path, raw_scores: bool = False,
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     start = time.perf_counter()
     try:
-        with Pipeline(cfg) as pipe, os.fdopen(fd, "w") as fh, Progress(console=console) as progress:
+        with Pipeline.from_config(cfg) as pipe, os.fdopen(fd, "w") as fh, Progress(console=console) as progress:
             task = progress.add_task("scoring pairs", total=total_pairs)
-            pending: list[tuple[Future, bool]] = []
+            pending: list[tuple[RerankJob, bool]] = []
 
             def flush(keep: int) -> None:
                 while len(pending) > keep:
-                    future, is_pair = pending.pop(0)
-                    logits = future.result().logits
+                    job, is_pair = pending.pop(0)
+                    logits = job.result().logits
                     scores = (logits if raw_scores else sigmoid(logits)).tolist()
                     fh.write(json.dumps({"score": scores[0]} if is_pair else {"scores": scores}) + "\n")
                     progress.advance(task, len(scores))

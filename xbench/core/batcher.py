@@ -21,84 +21,23 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.cost_model import CostModel
+from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import Encoded
 
 PLAN_WINDOW_BATCHES = 8  # pairs planned at once: the oldest max_batch_size x this many
 
 
-class RequestCancelled(Exception):
-    """The client went away; its pairs were dropped before they cost compute."""
-
-
-@dataclass
-class RerankResult:
-    """Scores of one request in its own order, and where its time went."""
-
-    logits: np.ndarray
-    total_tokens: int
-    stages_s: dict[str, float]
-    truncated: int = 0
-
-
-@dataclass(eq=False)
-class PendingRequest:
-    """A request whose pairs are in the batcher; completed by whichever workers score them."""
-
-    encoded: Encoded
-    submitted: float
-    tokenize_started: float
-    enqueued: float = 0.0
-    future: Future = field(default_factory=Future)
-    cancelled: bool = False
-    _remaining: int = 0
-    _first_infer: float | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        n = len(self.encoded.ids)
-        self.logits = np.empty(n, dtype=np.float32)
-        self._remaining = n
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if not self.future.done():
-            self.future.set_exception(RequestCancelled())
-
-    def deliver(self, indices: list[int], logits: np.ndarray, infer_start: float) -> None:
-        with self._lock:
-            self.logits[indices] = logits
-            self._remaining -= len(indices)
-            if self._first_infer is None or infer_start < self._first_infer:
-                self._first_infer = infer_start
-            done = self._remaining == 0
-        if done and not self.future.done():
-            now = time.perf_counter()
-            first = self._first_infer or now
-            tokenize = self.encoded.tokenize_s
-            stages = {
-                # waiting for a tokenizer worker + waiting in the batcher
-                "queue": max(0.0, (self.tokenize_started - self.submitted) + (first - self.enqueued)),
-                "tokenize": tokenize,
-                "infer": now - first,
-            }
-            self.future.set_result(RerankResult(self.logits, self.encoded.total_tokens, stages, self.encoded.truncated))
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
 @dataclass(eq=False)
 class QueuedPair:
-    request: PendingRequest
+    job: RerankJob
     index: int
     length: int
     seq: int = 0  # arrival order in the batcher
@@ -171,8 +110,23 @@ def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarr
     return input_ids, mask, types
 
 
+class _Reservation:
+    """A job's claim that its pairs are on their way; released once, whichever way it ends."""
+
+    def __init__(self, batcher: "Batcher"):
+        self._batcher = batcher
+        self._open = True
+
+    def release(self) -> None:
+        with self._batcher._cond:
+            if self._open:
+                self._open = False
+                self._batcher._incoming -= 1
+                self._batcher._cond.notify_all()
+
+
 class Batcher:
-    def __init__(self, cfg: BatchingConfig):
+    def __init__(self, cfg: BatchingConfig, clock: Callable[[], float] = time.perf_counter):
         self.max_batch_size = int(cfg.max_batch_size)
         self.max_batch_tokens = int(cfg.max_batch_tokens)
         self.timeout_s = float(cfg.timeout_ms) / 1000.0
@@ -180,32 +134,29 @@ class Batcher:
         self.bucketing = bool(cfg.length_bucketing)
         # The planner's cost model: a prior until the pipeline calibrates the running backend.
         self.cost: CostModel | None = cost_model.PRIOR if cfg.planner == "cost" else None
+        self._clock = clock
         self._pending: deque[QueuedPair] = deque()  # arrived since the last plan, oldest first
         self._planned: list[list[QueuedPair]] = []  # cut, not yet taken; oldest pair's batch first
-        self._incoming = 0  # requests being tokenized: pairs that will arrive soon
+        self._incoming = 0  # reservations: jobs being tokenized, whose pairs will arrive soon
         self._arrivals = 0
         self._closed = False
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # re-entrant: a reservation may be released under it
 
     # -- producers -------------------------------------------------------------------
-    def expect(self) -> None:
+    def reserve(self) -> _Reservation:
+        """Announce a job's pairs before they are tokenized, so a worker may wait for them."""
         with self._cond:
             self._incoming += 1
+        return _Reservation(self)
 
-    def put(self, request: PendingRequest, expected: bool = True) -> None:
-        request.enqueued = time.perf_counter()
+    def put(self, job: RerankJob) -> None:
+        """Queue a tokenized job's pairs; its reservation, if any, is used up."""
+        assert job.encoded is not None
         with self._cond:
             first = self._arrivals
-            self._arrivals += len(request.encoded.ids)
-            self._pending.extend(QueuedPair(request, i, n, first + i) for i, n in enumerate(request.encoded.lengths))
-            if expected:
-                self._incoming -= 1
-            self._cond.notify_all()
-
-    def arrived_empty(self) -> None:
-        """A request that was expected will not come (its tokenization failed)."""
-        with self._cond:
-            self._incoming -= 1
+            self._arrivals += len(job.encoded.ids)
+            self._pending.extend(QueuedPair(job, i, n, first + i) for i, n in enumerate(job.encoded.lengths))
+            job.release_reservation()
             self._cond.notify_all()
 
     @property
@@ -221,28 +172,20 @@ class Batcher:
             return None
         # Padding happens outside the lock, on the worker's thread.
         input_ids, mask, types = collate(
-            [m.request.encoded.ids[m.index] for m in members],
-            [m.request.encoded.type_ids[m.index] for m in members],
+            [m.job.encoded.ids[m.index] for m in members],  # type: ignore[union-attr]
+            [m.job.encoded.type_ids[m.index] for m in members],  # type: ignore[union-attr]
         )
         return ModelBatch(input_ids, mask, types, members)
 
     def _next_members(self) -> list[QueuedPair] | None:
         with self._cond:
             while True:
-                self._drop_cancelled()
+                self._drop_gone()
                 if self._pending:
-                    waited = time.perf_counter() - self._pending[0].request.enqueued
-                    due = (
-                        len(self._pending) >= self.max_batch_size
-                        or self._incoming == 0
-                        or waited >= self.timeout_s
-                        or not self.enabled
-                        or self._closed
-                    )
-                    if due:
+                    if self._due_now():
                         self._plan()
                     elif not self._planned:
-                        self._cond.wait(self.timeout_s - waited)
+                        self._cond.wait(self.timeout_s - self._waited())
                         continue
                 if self._planned:
                     return self._planned.pop(0)
@@ -257,18 +200,34 @@ class Batcher:
             self._cond.notify_all()
 
     # -- internals (called with the lock held) -----------------------------------------
-    def _drop_cancelled(self) -> None:
-        if any(p.request.cancelled for p in self._pending):
-            self._pending = deque(p for p in self._pending if not p.request.cancelled)
-        if any(p.request.cancelled for b in self._planned for p in b):
-            self._planned = [kept for b in self._planned if (kept := [p for p in b if not p.request.cancelled])]
+    def _waited(self) -> float:
+        return self._clock() - self._pending[0].job.enqueued
+
+    def _due_now(self) -> bool:
+        """Cut the pending pairs now: a full batch is there, nothing more is on its way, the
+        oldest has waited timeout_ms, batching is off, or the batcher is closing."""
+        with self._cond:
+            return bool(self._pending) and (
+                len(self._pending) >= self.max_batch_size
+                or self._incoming == 0
+                or self._waited() >= self.timeout_s
+                or not self.enabled
+                or self._closed
+            )
+
+    def _drop_gone(self) -> None:
+        """Jobs whose caller went away (or that failed) cost no compute."""
+        if any(p.job.gone for p in self._pending):
+            self._pending = deque(p for p in self._pending if not p.job.gone)
+        if any(p.job.gone for b in self._planned for p in b):
+            self._planned = [kept for b in self._planned if (kept := [p for p in b if not p.job.gone])]
 
     def _plan(self) -> None:
         """Re-plan the batches not yet taken together with the pairs that arrived since: the
         oldest pairs (a window of whole batches) are cut, the oldest pair's batch first."""
         if not self.enabled:  # no cross-request batching: one request at a time, in arrival order
-            head = self._pending[0].request
-            take = next((i for i, p in enumerate(self._pending) if p.request is not head), len(self._pending))
+            head = self._pending[0].job
+            take = next((i for i, p in enumerate(self._pending) if p.job is not head), len(self._pending))
             self._planned += self._cut([self._pending.popleft() for _ in range(take)])
             return
         window = [p for b in self._planned for p in b]

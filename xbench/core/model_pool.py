@@ -12,19 +12,20 @@ can state its padding efficiency.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from xbench.backends import Backend, create_backend
+from xbench.backends import Backend
 from xbench.core.batcher import ModelBatch
+from xbench.env import usable_cores
 
 log = logging.getLogger(__name__)
 
 BatchSource = Callable[[], "ModelBatch | None"]
 BatchObserver = Callable[[ModelBatch, float], None]
+BackendFactory = Callable[[int], Backend]  # intra-op threads -> a loaded backend
 
 
 @dataclass
@@ -55,17 +56,15 @@ class TokenCounts:
 def threads_per_worker(workers: int, configured: int | None) -> int:
     if configured:
         return int(configured)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
+    return max(1, usable_cores() // workers)
 
 
 class ModelPool:
-    def __init__(self, instance: Any, model_dir: str, workers: int, threads: int | None,
+    def __init__(self, backend: BackendFactory, workers: int, threads: int | None,
                  source: BatchSource, observe: BatchObserver | None = None):
-        self.instance = instance
         self.workers = workers
         self.threads = threads_per_worker(workers, threads)
-        self._model_dir = model_dir
+        self._create_backend = backend
         self._source = source
         self._observe = observe
         self._threads: list[threading.Thread] = []
@@ -95,7 +94,7 @@ class ModelPool:
              calibrate: Callable[[Backend], None] | None) -> None:
         backend = None
         try:
-            backend = create_backend(self.instance, self._model_dir, self.threads)
+            backend = self._create_backend(self.threads)
             if warmup:
                 warmup(backend)
         except BaseException as exc:  # reported by start() on the caller's thread
@@ -119,10 +118,10 @@ class ModelPool:
         start = time.perf_counter()
         try:
             logits = backend.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        except Exception as exc:  # a bad batch fails its requests, never the worker
+        except Exception as exc:  # a bad batch fails its jobs, never the worker
             log.exception("forward failed on a batch of %d rows", batch.rows)
             for m in batch.members:
-                m.request.fail(exc)
+                m.job.fail(exc)
             return
         elapsed = time.perf_counter() - start
         real = batch.real_tokens
@@ -130,14 +129,14 @@ class ModelPool:
             self.tokens.add(batch.rows, real, batch.padded_tokens, real if self.packed else batch.padded_tokens)
         if self._observe:
             self._observe(batch, elapsed)
-        # Group rows by request so each request takes its lock once per batch.
-        by_request: dict[int, tuple[Any, list[int], list[int]]] = {}
+        # Group rows by job so each job takes its lock once per batch.
+        by_job: dict[int, tuple[Any, list[int], list[int]]] = {}
         for row, m in enumerate(batch.members):
-            entry = by_request.setdefault(id(m.request), (m.request, [], []))
+            entry = by_job.setdefault(id(m.job), (m.job, [], []))
             entry[1].append(m.index)
             entry[2].append(row)
-        for request, indices, rows in by_request.values():
-            request.deliver(indices, logits[rows], start)
+        for job, indices, rows in by_job.values():
+            job.deliver(indices, logits[rows], start)
 
     def token_counts(self) -> TokenCounts:
         """A snapshot of the token counters (subtract two with `since`)."""

@@ -1,26 +1,30 @@
 """Pipeline: TokenizerPool -> Batcher -> ModelPool for one model instance.
 
-What pipeline-bench measures and what `serve` runs. `submit` returns a future that resolves
-to the request's scores in its own order; tokenizing one request overlaps inference of
-others because the pools run on their own threads.
+What pipeline-bench measures and what `serve` runs. `submit` returns a `RerankJob` (core/request.py)
+that ends with the pairs' scores in their own order; tokenizing one request overlaps inference of
+others because the pools run on their own threads. A pipeline is built from what it needs (a
+resolved model, its tokenizer pool, the batching config and a backend factory);
+`Pipeline.from_config` does that for one model instance of a composed config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig
 
-from xbench.backends import Backend, normalize
+from xbench.backends import Backend, create_backend, normalize
+from xbench.config import BatchingConfig
 from xbench.core import cost_model
-from xbench.core.batcher import Batcher, ModelBatch, PendingRequest, RerankResult
-from xbench.core.model_pool import ModelPool
-from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool, load_tokenizer
-from xbench.models import ResolvedModel, cache_dir, resolve_model
+from xbench.core.batcher import Batcher, ModelBatch
+from xbench.core.model_pool import BackendFactory, ModelPool
+from xbench.core.request import RerankJob, RerankResult
+from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool
+from xbench.errors import InputTooLong
+from xbench.models import ResolvedModel, cache_dir, effective_max_length, resolve_model
 
 WARMUP_SHAPES = ((1, 16), (8, 64), (32, 128))
 
@@ -32,27 +36,35 @@ def warmup_backend(backend: Backend) -> None:
         backend.forward(ids, np.ones_like(ids), np.zeros_like(ids))
 
 
-class InputTooLong(ValueError):
-    """Pairs longer than the model's max_length, sent with truncation off."""
-
-    def __init__(self, count: int, max_length: int):
-        super().__init__(f"{count} input(s) are longer than max_input_length={max_length} tokens and truncate is false")
-
-
 class Pipeline:
-    def __init__(self, cfg: DictConfig, instance_index: int = 0,
+    def __init__(self, model: ResolvedModel, tokenizers: TokenizerPool, batching: BatchingConfig,
+                 backend: BackendFactory, describe_backend: dict[str, Any], workers: int = 1,
+                 threads_per_worker: int | None = None,
                  observe_batch: Callable[[ModelBatch, float], None] | None = None):
-        self.cfg = cfg
-        self.instance = cfg.model_pool.instances[instance_index]
-        self.model: ResolvedModel = resolve_model(self.instance.name, self.instance.trust_remote_code)
-        self.max_length = min(int(self.instance.max_length), self.model.max_position_embeddings)
-        tp = cfg.tokenizer_pool
-        self.tokenizers = TokenizerPool(load_tokenizer(self.model.path, self.max_length),
-                                        workers=tp.workers, parallelism=tp.parallelism, mode=tp.mode)
-        self.batcher = Batcher(cfg.batching)
-        self.models = ModelPool(self.instance, str(self.model.path), cfg.model_pool.workers,
-                                cfg.model_pool.threads_per_worker, self.batcher.next_batch, observe_batch)
+        self.model = model
+        self.max_length = tokenizers.max_length
+        self.tokenizers = tokenizers
+        self.planner = batching.planner
+        self.batcher = Batcher(batching)
+        self.models = ModelPool(backend, workers, threads_per_worker, self.batcher.next_batch, observe_batch)
+        self._backend_params = describe_backend  # backend, device, precision: what the factory builds
         self.started = False
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, instance_index: int = 0,
+                    observe_batch: Callable[[ModelBatch, float], None] | None = None) -> "Pipeline":
+        """The pipeline of model instance `instance_index` of a composed config."""
+        inst = cfg.model_pool.instances[instance_index]
+        model = resolve_model(inst.name, inst.trust_remote_code)
+        tokenizers = TokenizerPool.for_model(model.path, effective_max_length(model, inst.max_length), cfg.tokenizer_pool)
+        backend, device = normalize(inst.backend, inst.device)
+
+        def factory(threads: int) -> Backend:
+            return create_backend(inst, str(model.path), threads)
+
+        return cls(model, tokenizers, cfg.batching, factory,
+                   {"backend": backend, "device": device, "precision": inst.quantization},
+                   cfg.model_pool.workers, cfg.model_pool.threads_per_worker, observe_batch)
 
     def start(self) -> "Pipeline":
         self.tokenizers.warmup()
@@ -63,88 +75,64 @@ class Pipeline:
     def _calibrate(self, backend: Backend) -> None:
         """Fit the batch planner's cost model to this backend (cached per machine, model,
         backend, precision and threads): a few timed shapes, once."""
-        from xbench.results.store import environment
+        from xbench.env import machine
 
         def forward(rows: int, length: int) -> None:
             ids = np.full((rows, min(length, self.max_length)), 1000, dtype=np.int64)
             backend.forward(ids, np.ones_like(ids), np.zeros_like(ids))
 
-        env = environment()
+        m = machine()
         weights = self.model.path / "model.safetensors"
         stat = weights.stat() if weights.is_file() else None
-        backend_name, device = normalize(self.instance.backend, self.instance.device)
-        key = {"cpu": env["cpu"], "cores": env["cores"], "gpu": env["gpu"], "torch": env["torch"],
-               "onnxruntime": env["onnxruntime"], "model": str(self.model.path),
-               "weights": [stat.st_size, stat.st_mtime_ns] if stat else None, "backend": backend_name,
-               "device": device, "precision": self.instance.quantization, "threads": self.models.threads,
-               "packed": self.models.packed, "max_length": self.max_length}
+        key = {"cpu": m["cpu"], "cores": m["cores"], "gpu": m["gpu"], "torch": m["torch"],
+               "onnxruntime": m["onnxruntime"], "model": str(self.model.path),
+               "weights": [stat.st_size, stat.st_mtime_ns] if stat else None, **self._backend_params,
+               "threads": self.models.threads, "packed": self.models.packed, "max_length": self.max_length}
         fitted = cost_model.load_or_calibrate(key, forward, cache_dir() / "costs")
         self.batcher.cost = dataclasses.replace(fitted, packed=self.models.packed,
                                                 varlen_attention=bool(getattr(backend, "varlen_attention", False)))
 
     # -- requests -------------------------------------------------------------------------
-    def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> Future[RerankResult]:
-        """Tokenize, batch and score pairs; the future holds logits in the pairs' order. Pairs
+    def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> RerankJob:
+        """Tokenize, batch and score pairs; the job ends with logits in the pairs' order. Pairs
         longer than max_length are cut from the `direction` side or, with truncate=False, fail
-        the request with InputTooLong once tokenized, before they reach the model."""
-        submitted = time.perf_counter()
-        result: Future[RerankResult] = Future()
-        self.batcher.expect()
-        tokenizing = self.tokenizers.submit(pairs, direction)
+        the job with InputTooLong once tokenized, before they reach the model."""
+        job = RerankJob(pairs, truncate, direction)
+        job.reservation = self.batcher.reserve()
+        try:
+            tokenizing = self.tokenizers.submit(pairs, direction)
+        except BaseException as exc:  # e.g. the pool is shut down: the job fails, its reservation with it
+            job.fail(exc)
+            return job
+        tokenizing.add_done_callback(lambda f: self._tokenized(job, f))
+        return job
 
-        def tokenized(f: Future[Encoded]) -> None:
-            exc = f.exception()
-            if exc is None and not truncate and f.result().truncated:
-                exc = InputTooLong(f.result().truncated, self.max_length)
-            if exc is not None:
-                self.batcher.arrived_empty()
-                result.set_exception(exc)
-                return
-            enc = f.result()
-            self._enqueue(enc, submitted, time.perf_counter() - enc.tokenize_s, result, expected=True)
-
-        tokenizing.add_done_callback(tokenized)
-        return result
-
-    def submit_encoded(self, encoded: Encoded) -> Future[RerankResult]:
+    def submit_encoded(self, encoded: Encoded) -> RerankJob:
         """Score pairs that are already tokenized (infer-bench: the model stage alone)."""
-        now = time.perf_counter()
-        result: Future[RerankResult] = Future()
-        self._enqueue(dataclasses.replace(encoded, tokenize_s=0.0), now, now, result, expected=False)
-        return result
+        job = RerankJob([], encoded=encoded)
+        self._enqueue(job, dataclasses.replace(encoded, tokenize_s=0.0))
+        return job
 
-    @staticmethod
-    def cancel(result: Future) -> None:
-        """The client went away: drop its pairs before they cost compute."""
-        result.xbench_cancelled = True  # type: ignore[attr-defined]
-        pending = getattr(result, "xbench_request", None)
-        if pending is not None:
-            pending.cancel()
+    def _tokenized(self, job: RerankJob, tokenizing: Future[Encoded]) -> None:
+        exc = tokenizing.exception()
+        if exc is None and not job.truncate and tokenizing.result().truncated:
+            exc = InputTooLong(tokenizing.result().truncated, self.max_length)
+        if exc is not None:
+            job.fail(exc)
+            return
+        self._enqueue(job, tokenizing.result())
 
-    def _enqueue(self, enc: Encoded, submitted: float, tokenize_started: float,
-                 result: Future, expected: bool) -> PendingRequest:
-        request = PendingRequest(enc, submitted=submitted, tokenize_started=tokenize_started, future=result)
-        result.xbench_request = request  # type: ignore[attr-defined]
-        if getattr(result, "xbench_cancelled", False):
-            request.cancel()
-            if expected:
-                self.batcher.arrived_empty()
-            return request
-        if not enc.ids:  # nothing to score
-            request.deliver([], np.empty(0, np.float32), time.perf_counter())
-            if expected:
-                self.batcher.arrived_empty()
-            return request
-        self.batcher.put(request, expected=expected)
-        return request
+    def _enqueue(self, job: RerankJob, encoded: Encoded) -> None:
+        job.queued(encoded)
+        if job.gone or job.done:  # cancelled meanwhile, or nothing to score
+            job.release_reservation()
+            return
+        self.batcher.put(job)
 
     # -- description and lifecycle -----------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        backend, device = normalize(self.instance.backend, self.instance.device)
         return {
-            "backend": backend,
-            "device": device,
-            "precision": self.instance.quantization,
+            **self._backend_params,
             "max_length": self.max_length,
             "model_workers": self.models.workers,
             "threads_per_worker": self.models.threads,
@@ -153,7 +141,7 @@ class Pipeline:
             "parallelism": self.tokenizers.parallelism,
             "engine": self.models.backend_info,
             "packed": self.models.packed,
-            "planner": self.cfg.batching.planner,
+            "planner": self.planner,
             "batch_cost_model": self.batcher.cost.describe() if self.batcher.cost else None,
         }
 
@@ -173,4 +161,4 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-__all__ = ["InputTooLong", "Pipeline", "RerankResult", "sigmoid", "warmup_backend"]
+__all__ = ["Pipeline", "RerankJob", "RerankResult", "sigmoid", "warmup_backend"]

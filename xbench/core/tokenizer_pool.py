@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -102,6 +103,7 @@ class TokenizerPool:
         self.parallelism = parallelism
         self.mode = mode
         self.tokenizer_json = tokenizer_json
+        self.max_length = int(Tokenizer.from_str(tokenizer_json).truncation["max_length"])
         set_parallelism(parallelism)
         self._local = threading.local()
         self._executor: Executor
@@ -115,6 +117,11 @@ class TokenizerPool:
             )
         else:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
+
+    @classmethod
+    def for_model(cls, model_dir: Path, max_length: int, cfg: Any) -> "TokenizerPool":
+        """The pool a `tokenizer_pool` config asks for, over the model's tokenizer."""
+        return cls(load_tokenizer(model_dir, max_length), workers=cfg.workers, parallelism=cfg.parallelism, mode=cfg.mode)
 
     def _thread_tokenizer(self, direction: str) -> Tokenizer:
         toks = getattr(self._local, "toks", None)
@@ -133,6 +140,15 @@ class TokenizerPool:
         if self.mode == "process":
             return self._executor.submit(_process_encode, pairs, direction)
         return self._executor.submit(self.encode, pairs, direction)
+
+    def cut_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first `max_tokens` tokens (Cohere v2's max_tokens_per_doc)."""
+        tok = getattr(self._local, "whole", None)
+        if tok is None:
+            tok = self._local.whole = Tokenizer.from_str(self.tokenizer_json)
+            tok.no_truncation()
+        return [text[: enc.offsets[max_tokens - 1][1]] if len(enc.ids) > max_tokens else text
+                for enc, text in zip(tok.encode_batch(texts, add_special_tokens=False), texts)]
 
     def warmup(self) -> None:
         """Start every worker (processes take a second) before anything is timed."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import re
 import subprocess
 import tempfile
@@ -14,60 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import xbench
-from xbench.bench.ceilings import cpu_features
+from xbench.env import machine
 
 SCHEMA_VERSION = 1
 RESULTS_DIR = Path("results")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @lru_cache(maxsize=1)
-def _static_env() -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_features": cpu_features(),
-        "machine": platform.machine(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "xbench": xbench.__version__,
-        "gpu": None,
-    }
-    for mod in ("torch", "transformers", "tokenizers", "onnxruntime", "mlx", "numpy"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
-            env[mod] = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            env["gpu"] = "Apple MPS"
-    except Exception:
-        pass
+def _git_commit() -> str | None:
     try:
         repo = Path(__file__).resolve().parents[2]
-        proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-        env["git_commit"] = proc.stdout.strip() if proc.returncode == 0 else None
+        proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return proc.stdout.strip() if proc.returncode == 0 else None
     except Exception:
-        env["git_commit"] = None
-    return env
+        return None
 
 
 def environment() -> dict[str, Any]:
-    return {**_static_env(), "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    """The `env` block of a result document: the machine, versions, commit and time."""
+    return {**machine(), "xbench": xbench.__version__, "git_commit": _git_commit(),
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def write_json(path: str | Path, doc: Any) -> Path:

@@ -1,0 +1,91 @@
+"""Facts of the machine a measurement ran on: CPU, usable cores, matrix extensions, GPU and the
+versions of what computes. One home for them, read by result files, the cost-model cache key,
+the model pool's thread split and `xbench backends`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# CPU extensions that decide the low-precision fast paths (x86 and Arm names).
+MATRIX_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+                   "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "bf16", "i8mm", "sve")
+VERSIONED = ("torch", "transformers", "tokenizers", "onnxruntime", "ctranslate2", "mlx", "numpy")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """The matrix-relevant extensions this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
+    flags: set[str] = set()
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in MATRIX_FEATURES if f in flags]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def accelerators() -> list[str]:
+    """Devices torch can run on here, besides the CPU: cuda, mps."""
+    found = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            found.append("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            found.append("mps")
+    except ImportError:
+        pass
+    return found
+
+
+def gpu_name() -> str | None:
+    present = accelerators()
+    if "cuda" in present:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return "Apple MPS" if "mps" in present else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+@lru_cache(maxsize=1)
+def machine() -> dict[str, Any]:
+    """CPU, cores, matrix extensions, GPU, OS, Python and library versions."""
+    return {
+        "cpu": cpu_name(),
+        "cores": usable_cores(),
+        "cpu_features": cpu_features(),
+        "machine": platform.machine(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": gpu_name(),
+        **{m: _version(m) for m in VERSIONED},
+    }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,14 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import start_server  # noqa: E402  (the tests' helper: a real `xbench serve` process)
-
-from xbench.bench.http import HttpTarget  # noqa: E402
-from xbench.bench.runners import PipelineTarget, load_spec, measure  # noqa: E402
-from xbench.config import compose_config, to_dict  # noqa: E402
-from xbench.results.store import environment, write_json  # noqa: E402
-from xbench.workload import make_workload  # noqa: E402
+from xbench.bench.http import HttpTarget
+from xbench.bench.runners import PipelineTarget, load_spec, measure
+from xbench.config import compose_config, to_dict
+from xbench.results.store import environment, write_json
+from xbench.serve.process import start_server
+from xbench.workload import make_workload
 
 console = Console(width=140)
 

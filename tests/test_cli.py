@@ -94,3 +94,36 @@ def test_every_bench_option_has_help():
         text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         for option in ("--data", "--out", "--batch", "--concurrency", "--rate", "--duration", "--warmup", "--requests"):
             assert option in text
+
+
+def test_score_writes_one_line_per_input_line_in_order(tmp_path, tiny_overrides):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"query": "q", "document": "paris"}\n'
+                    '{"query": "q2", "documents": ["a much longer document about bananas", {"text": "x"}]}\n'
+                    '{"query": "q", "document": "paris"}\n')
+    out = tmp_path / "scores.jsonl"
+    proc = xbench("score", "--data", str(data), "-o", str(out), *tiny_overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 3 and len(lines[1]["scores"]) == 2
+    assert lines[0]["score"] == lines[2]["score"] and 0 < lines[0]["score"] < 1
+
+
+def test_score_on_mlx_exits_cleanly_and_says_it_is_the_slow_path(tmp_path, tiny_overrides):
+    pytest.importorskip("mlx.core")
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"query": "q", "documents": ["a", "b c", "d e f"]}\n')
+    out = tmp_path / "scores.jsonl"
+    proc = xbench("score", "--data", str(data), "-o", str(out), *tiny_overrides,
+                  "model_pool.instances.0.backend=mlx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # no abort from an MLX thread at exit
+    assert "slow reference" in proc.stderr and proc.stderr.count("slow reference") == 1
+    assert len(json.loads(out.read_text())["scores"]) == 3
+
+
+def test_config_prints_the_composed_config_with_overrides(tiny_overrides):
+    result = CliRunner().invoke(app, ["config", "batching.max_batch_size=7", "workload.lengths=longtail"])
+    assert result.exit_code == 0, result.output
+    assert "max_batch_size: 7" in result.output and "lengths: longtail" in result.output
+    bad = CliRunner().invoke(app, ["config", "batching.planner=greedy"])
+    assert bad.exit_code == 2 and "expected one of [cost, tokens]" in bad.output

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servers import start_server
+from xbench.serve.process import start_server
 from test_pipeline import reference_logits
 
 KEY = "test-secret"

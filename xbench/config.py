@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +23,30 @@ from omegaconf.errors import OmegaConfBaseException
 from xbench.errors import ConfigError
 
 DEFAULT_MODEL = "xbench/minilm-l6-seeded"
+
+
+class Choice(str, Enum):
+    """A closed set of config values: Hydra rejects anything else at compose time, naming the
+    key and the choices. Compares equal to, and prints as, its plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class TokenizerMode(Choice):
+    thread = "thread"
+    process = "process"
+
+
+class Planner(Choice):
+    cost = "cost"
+    tokens = "tokens"
+
+
+class LengthMix(Choice):
+    msmarco = "msmarco"
+    longtail = "longtail"
+    fixed = "fixed"
 
 
 @dataclass
@@ -53,7 +78,7 @@ class TokenizerPoolConfig:
     parallelism: bool = True
     # thread: workers share the process (the Rust tokenizer releases the GIL);
     # process: each worker is a process with its own tokenizer.
-    mode: str = "thread"
+    mode: TokenizerMode = TokenizerMode.thread
 
 
 @dataclass
@@ -70,7 +95,7 @@ class BatchingConfig:
     # cost: cut where the backend's calibrated cost model says the batches cost least (a
     # long-tailed mix splits into length groups; nothing to tune); tokens: greedy cut by
     # max_batch_size and max_batch_tokens alone.
-    planner: str = "cost"
+    planner: Planner = Planner.cost
 
 
 @dataclass
@@ -108,9 +133,20 @@ class WorkloadConfig:
 
     # msmarco: passages of N(56, 20) words; longtail: heavy-tailed, titles to 512-token chunks;
     # fixed: every passage fixed_words long.
-    lengths: str = "msmarco"
+    lengths: LengthMix = LengthMix.msmarco
     docs_per_query: int = 1
     fixed_words: int = 56
+
+
+@dataclass
+class SweepConfig:
+    """Set by `xbench sweep` on each of its jobs (so launchers in other processes or machines get
+    them too); not part of a point's identity."""
+
+    run_dir: Optional[str] = None
+    force: bool = False
+    data: Optional[str] = None
+    points: int = 0
 
 
 @dataclass
@@ -123,6 +159,7 @@ class XbenchConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _register() -> None:
@@ -175,8 +212,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-TOKENIZER_MODES = ("thread", "process")
-PLANNERS = ("cost", "tokens")
 BENCH_COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
 
 
@@ -198,13 +233,7 @@ def validate(cfg: DictConfig) -> None:
     if pool.threads_per_worker is not None:
         positive("model_pool.threads_per_worker", pool.threads_per_worker)
     positive("tokenizer_pool.workers", cfg.tokenizer_pool.workers)
-    if cfg.tokenizer_pool.mode not in TOKENIZER_MODES:
-        raise ConfigError(
-            f"tokenizer_pool.mode={cfg.tokenizer_pool.mode!r} is not one of {', '.join(TOKENIZER_MODES)}"
-        )
     positive("batching.max_batch_size", cfg.batching.max_batch_size)
-    if cfg.batching.planner not in PLANNERS:
-        raise ConfigError(f"batching.planner={cfg.batching.planner!r} is not one of {', '.join(PLANNERS)}")
     positive("batching.max_batch_tokens", cfg.batching.max_batch_tokens)
     if cfg.batching.timeout_ms < 0:
         raise ConfigError(f"batching.timeout_ms={cfg.batching.timeout_ms} must be >= 0")
@@ -228,10 +257,6 @@ def validate(cfg: DictConfig) -> None:
     if exp.command not in BENCH_COMMANDS:
         raise ConfigError(f"experiment.command={exp.command!r} is not one of {', '.join(BENCH_COMMANDS)}")
     positive("experiment.num_pairs", exp.num_pairs)
-    from xbench.workload import LENGTH_MIXES
-
-    if cfg.workload.lengths not in LENGTH_MIXES:
-        raise ConfigError(f"workload.lengths={cfg.workload.lengths!r} is not one of {', '.join(LENGTH_MIXES)}")
     positive("workload.docs_per_query", cfg.workload.docs_per_query)
     positive("workload.fixed_words", cfg.workload.fixed_words)
     positive("server.max_client_batch_size", cfg.server.max_client_batch_size)
@@ -242,4 +267,5 @@ def validate(cfg: DictConfig) -> None:
 
 
 def to_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The composed config as plain JSON-able data (choices as their strings)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from xbench.config import LengthMix
 from xbench.errors import DataError
 
 _WORDS = """
@@ -51,7 +52,7 @@ song film movie book story game sport team player ball football baseball basketb
 QUERY_WORDS = (4, 10)
 PASSAGE_MEAN, PASSAGE_STD, PASSAGE_MIN, PASSAGE_MAX = 56, 20, 10, 200
 LONGTAIL_MEDIAN, LONGTAIL_SIGMA, LONGTAIL_MIN, LONGTAIL_MAX = 75, 0.85, 3, 600
-LENGTH_MIXES = ("msmarco", "longtail", "fixed")
+LENGTH_MIXES = tuple(m.value for m in LengthMix)
 
 Pair = tuple[str, str]
 

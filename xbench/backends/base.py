@@ -33,6 +33,7 @@ class Backend(Protocol):
     # the batch planner's cost model and the padding-efficiency counters read them. False if absent.
     packed: bool
     varlen_attention: bool
+    # Optional `close()`: called on the worker's thread when the pool shuts down (MLX has one).
 
 
 def relevance(logits: np.ndarray) -> np.ndarray:

@@ -46,10 +46,6 @@ class LoadSpec:
     seed: int = 0
     drain_timeout_s: float = 120.0  # open loop: how long in-flight requests may finish
 
-    @property
-    def mode(self) -> str:
-        return "open" if self.rate else "closed"
-
 
 Send = Callable[[int], Awaitable[Sent]]
 Progress = Callable[[float], None]  # fraction of the run done, 0..1

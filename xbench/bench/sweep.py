@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,15 +26,10 @@ from xbench.config import compose_config, conf_dir, experiment_names, to_dict, v
 from xbench.errors import XbenchError
 from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, read_results, run_id, write_json
 
-ENV_RUN_DIR = "XBENCH_SWEEP_DIR"
-ENV_FORCE = "XBENCH_SWEEP_FORCE"
-ENV_DATA = "XBENCH_SWEEP_DATA"
-ENV_TOTAL = "XBENCH_SWEEP_POINTS"
-
-
 def config_key(cfg: DictConfig) -> str:
-    """A short hash of everything that defines a point (the whole composed config)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    """A short hash of everything that defines a point (the composed config but the sweep's own
+    bookkeeping)."""
+    text = json.dumps({k: v for k, v in to_dict(cfg).items() if k != "sweep"}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -49,6 +43,11 @@ def grid_overrides(cfg: DictConfig) -> list[str]:
     for key, values in (e.grid or {}).items():
         out.append(f"{key}=" + ",".join(_value(v) for v in values))
     return out
+
+
+def _quoted(text: str) -> str:
+    """A value for Hydra's override grammar, whatever characters a path holds."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _value(v: object) -> str:
@@ -74,8 +73,8 @@ def _existing(run_dir: Path, key: str) -> Path | None:
 
 @hydra.main(version_base="1.3", config_path=None, config_name="config")
 def sweep_job(cfg: DictConfig) -> None:
-    """One point of the grid (a Hydra job). Reads its run folder and flags from the environment,
-    so launchers that run jobs in other processes get them too."""
+    """One point of the grid (a Hydra job). Its run folder and flags come in its own config
+    (`sweep.*`), so launchers that run jobs in other processes or on other machines get them too."""
     from rich.console import Console
 
     from xbench.bench.runners import run_bench
@@ -83,15 +82,15 @@ def sweep_job(cfg: DictConfig) -> None:
 
     console = Console(stderr=True)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])  # type: ignore[assignment]
-    run_dir = Path(os.environ[ENV_RUN_DIR])
+    sweep = cfg.sweep
+    run_dir = Path(sweep.run_dir)
     key = config_key(cfg)
     e = cfg.experiment
     label = f"{e.command} batch {e.batch_sizes[0]} c{e.concurrency_levels[0]} " + " ".join(
         f"{k}={OmegaConf.select(cfg, k)}" for k in (e.grid or {}))
     done = len([p for p in run_dir.glob("*.json")])
-    console.print(f"[bold]point {min(done + 1, int(os.environ.get(ENV_TOTAL, 0)) or done + 1)}"
-                  f"/{os.environ.get(ENV_TOTAL, '?')}[/] {label}")
-    if not os.environ.get(ENV_FORCE) and (found := _existing(run_dir, key)):
+    console.print(f"[bold]point {min(done + 1, sweep.points or done + 1)}/{sweep.points or '?'}[/] {label}")
+    if not sweep.force and (found := _existing(run_dir, key)):
         console.print(f"  [dim]already measured: {found.name} (--force re-measures)[/]")
         return
     params = {"batch": e.batch_sizes[0], "concurrency": e.concurrency_levels[0],
@@ -102,7 +101,7 @@ def sweep_job(cfg: DictConfig) -> None:
     out = run_dir / f"{e.command}-{stem}-{key}.json"
     try:
         validate(cfg)
-        workload = make_workload(os.environ.get(ENV_DATA) or None, cfg)
+        workload = make_workload(sweep.data, cfg)
         run_bench(e.command, cfg, workload, out=out, console=console)
     except (Exception, SystemExit) as exc:  # a failed point is a result; the sweep goes on
         msg = f"{type(exc).__name__}: {exc}"
@@ -147,16 +146,14 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
     run_dir = None if new_run else latest_run(name)
     run_dir = (run_dir or RESULTS_DIR / name / run_id()).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[ENV_RUN_DIR] = str(run_dir)
-    os.environ[ENV_TOTAL] = str(count_points(cfg) * factor)
-    os.environ[ENV_DATA] = str(Path(data).resolve()) if data else ""
-    if force:
-        os.environ[ENV_FORCE] = "1"
-    else:
-        os.environ.pop(ENV_FORCE, None)
+    bookkeeping = [f"sweep.run_dir={_quoted(str(run_dir))}", f"sweep.points={count_points(cfg) * factor}",
+                   f"sweep.force={str(force).lower()}"]
+    if data:
+        bookkeeping.append(f"sweep.data={_quoted(str(Path(data).resolve()))}")
+    # Hydra's entry point reads its arguments from sys.argv: the multirun is started as if typed.
     argv = [
         "xbench-sweep", "--config-dir", str(conf_dir()), "-m", f"experiment={name}", *overrides,
-        *grid_overrides(cfg),
+        *grid_overrides(cfg), *bookkeeping,
         f"hydra.sweep.dir={run_dir / '.hydra'}", "hydra.sweep.subdir=${hydra.job.num}",
         "hydra/job_logging=none", "hydra/hydra_logging=none",
     ]

@@ -111,8 +111,12 @@ class ModelPool:
         self._ready.wait()
         if backend is None or self._load_errors:
             return
-        while (batch := self._source()) is not None:
-            self._process(backend, batch)
+        try:
+            while (batch := self._source()) is not None:
+                self._process(backend, batch)
+        finally:
+            if hasattr(backend, "close"):  # engines with threads of their own end them here
+                backend.close()
 
     def _process(self, backend: Backend, batch: ModelBatch) -> None:
         start = time.perf_counter()

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,mlx,baseline,ctranslate2
 
-.PHONY: install demo study test bench clean
+.PHONY: install demo study test test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -27,11 +27,17 @@ study: install
 	$(VENV)/bin/xbench sweep --all
 	$(VENV)/bin/xbench plot "$$(ls -d results/study/*/ | tail -n 1)" -o plots
 
+# The suite on tiny models and the real server (under 8 minutes on 2 cores) ...
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# ... and the full-size default model on every backend (what `.ci/run` runs next).
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 # Performance targets (slow; outside the test suite).
 bench: install
+	$(PY) benchmarks/padding.py
 	$(PY) benchmarks/pipeline_overhead.py
 	$(PY) benchmarks/backends.py
 	$(PY) benchmarks/serve_vs_inprocess.py

@@ -278,7 +278,8 @@ def test_backends_command_prints_the_matrix():
 
 
 def test_gemm_ceilings_time_every_precision():
-    from xbench.bench.ceilings import MATRIX_FEATURES, ceilings_table, cpu_features, gemm_ceilings
+    from xbench.bench.ceilings import ceilings_table, gemm_ceilings
+    from xbench.env import MATRIX_FEATURES, cpu_features
 
     rates = gemm_ceilings(threads=1, min_s=0.0, rows=16)
     assert list(rates) == ["fp32", "bf16", "fp16", "int8", "int4"]

@@ -24,13 +24,15 @@ def run_dir(cwd: Path, name: str) -> Path:
     return runs[0]
 
 
-@pytest.fixture()
-def two_point_sweep(tmp_path, tiny_overrides):
-    args = ["sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",
-            "experiment.concurrency_levels=[2]"]
-    first = xbench(*args, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def two_point_sweep(tmp_path_factory, tiny_model):
+    """One sweep run for the module: the tests below read it, re-run it, plot and compare it."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    args = ["sweep", "09_concurrency", f"model_pool.instances.0.name={tiny_model}", *FAST,
+            "experiment.batch_sizes=[4,8]", "experiment.concurrency_levels=[2]"]
+    first = xbench(*args, cwd=cwd)
     assert first.returncode == 0, first.stderr
-    return tmp_path, args, first
+    return cwd, args, first
 
 
 def test_sweep_writes_a_json_per_point_and_a_report(two_point_sweep):

@@ -91,3 +91,34 @@ def test_a_job_that_cannot_be_tokenized_fails_and_holds_no_batch_back(tiny_overr
         assert pipe.batcher._incoming == 0  # its reservation went with it
     finally:
         pipe.close()
+
+
+def test_the_server_key_and_the_client_key_are_different_variables(monkeypatch):
+    from xbench.serve.app import RerankService
+
+    monkeypatch.setenv("XBENCH_API_KEY", "the-clients")  # what `xbench load` sends
+    monkeypatch.delenv("XBENCH_SERVER_API_KEY", raising=False)
+    assert RerankService(compose_config([])).auth.key is None
+    monkeypatch.setenv("XBENCH_SERVER_API_KEY", "the-servers")
+    assert RerankService(compose_config([])).auth.key == "the-servers"
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch):
+    import secrets
+
+    from starlette.requests import Request
+
+    from xbench.errors import ServiceError
+    from xbench.serve.auth import Auth
+
+    calls = []
+    monkeypatch.setattr(secrets, "compare_digest", lambda a, b: calls.append((a, b)) or a == b)
+    auth = Auth("s3cret")
+
+    def request(header):
+        return Request({"type": "http", "headers": [(b"authorization", header.encode())]})
+
+    auth.check(request("Bearer s3cret"))
+    with pytest.raises(ServiceError):
+        auth.check(request("Bearer s3cre"))
+    assert len(calls) == 2

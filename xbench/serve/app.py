@@ -1,12 +1,12 @@
-"""The rerank server: Starlette routes over one Pipeline per served model instance.
+"""The rerank server: Starlette routes and their handlers.
 
-A request's way through this file: the route picks its dialect (serve/apis/); `RerankService.
-rerank` checks the key (`Auth`), reads the body under its size limit, lets the dialect parse and
-validate it, takes an admission permit (`Admission`: over the limit it is answered 429 at once),
-submits the pairs to the model's pipeline (`Models`) and awaits the job, racing the client's
-hang-up (a hang-up cancels the job, whose pairs are then dropped before they cost compute);
-the dialect renders the scores or the error. Routes: POST /v1/rerank, /v2/rerank, /rerank;
-GET /health, /info, /metrics.
+A request's way: the route picks its dialect (serve/apis/); `RerankService.rerank` checks the
+key (serve/auth.py), reads the body under its size limit, lets the dialect parse and validate it,
+takes an admission permit (serve/admission.py: over the limit it is answered 429 at once),
+submits the pairs to the model's pipeline (serve/models.py) and awaits the job, racing the
+client's hang-up (a hang-up cancels the job, whose pairs are then dropped before they cost
+compute); the dialect renders the scores or the error. Routes: POST /v1/rerank, /v2/rerank,
+/rerank; GET /health, /info, /metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -30,125 +29,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import xbench
-from xbench.config import DEFAULT_MODEL
-from xbench.core.batcher import ModelBatch
-from xbench.core.pipeline import Pipeline, sigmoid
+from xbench.core.pipeline import sigmoid
 from xbench.core.request import RerankJob, RerankResult
 from xbench.errors import ErrorKind, RequestCancelled, ServiceError
+from xbench.serve.admission import Admission
 from xbench.serve.apis import DIALECTS, Dialect, RerankQuery
+from xbench.serve.auth import SERVER_API_KEY_ENV, Auth
 from xbench.serve.metrics import Metrics
+from xbench.serve.models import Models
 
 log = logging.getLogger(__name__)
-SERVER_API_KEY_ENV = "XBENCH_SERVER_API_KEY"  # the key the server requires (the client's is XBENCH_API_KEY)
-
-
-class Models:
-    """The served pipelines: loaded on a thread at start-up (so /health answers 503 meanwhile),
-    looked up by name, closed at shutdown."""
-
-    def __init__(self, cfg: DictConfig, metrics: Metrics):
-        self.cfg = cfg
-        self.metrics = metrics
-        self._pipelines: dict[str, Pipeline] = {}
-        self._lock = threading.Lock()
-        self.ready = False
-        self.load_error: str | None = None
-
-    def load(self) -> None:
-        try:
-            for i, inst in enumerate(self.cfg.model_pool.instances):
-                pipe = Pipeline.from_config(self.cfg, i, observe_batch=self._observe_batch).start()
-                with self._lock:
-                    self._pipelines[inst.name] = pipe
-                d = pipe.describe()
-                self.metrics.model_info.labels(inst.name, d["backend"], d["device"], d["precision"]).set(1)
-            self.metrics.watch_queue(lambda: sum(p.batcher.queue_size for p in self.pipelines().values()))
-            self.metrics.watch_efficiency(self._padding_efficiency)
-            self.ready = True
-            log.info("serving %s", ", ".join(self._pipelines))
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("model loading failed")
-
-    def pipelines(self) -> dict[str, Pipeline]:
-        """A snapshot: safe to iterate while the loader adds models."""
-        with self._lock:
-            return dict(self._pipelines)
-
-    def healthy(self) -> bool:
-        return self.ready and all(p.models.healthy() for p in self.pipelines().values())
-
-    def require_ready(self) -> None:
-        if not self.ready:
-            message = "the model is loading" if not self.load_error else f"model failed to load: {self.load_error}"
-            raise ServiceError(ErrorKind.UNAVAILABLE, message)
-
-    def get(self, model: str | None) -> tuple[str, Pipeline]:
-        served = self.pipelines()
-        if model is None:
-            return next(iter(served.items()))
-        if model in served:
-            return model, served[model]
-        if model == "default" and DEFAULT_MODEL in served:
-            return DEFAULT_MODEL, served[DEFAULT_MODEL]
-        raise ServiceError(ErrorKind.MALFORMED, f"model {model!r} is not served here; served: {', '.join(served)}",
-                           param="model")
-
-    def close(self) -> None:
-        self.ready = False
-        for p in self.pipelines().values():
-            p.close()
-
-    def _observe_batch(self, batch: ModelBatch, seconds: float) -> None:
-        m = self.metrics
-        m.batch_size.observe(batch.rows)
-        m.batch_tokens.observe(batch.padded_tokens)
-        m.batch_longest.observe(batch.input_ids.shape[1])
-        m.real_tokens.inc(batch.real_tokens)
-        m.padded_tokens.inc(batch.padded_tokens)
-        m.batch_duration.observe(seconds)
-
-    def _padding_efficiency(self) -> float:
-        counts = [p.models.token_counts() for p in self.pipelines().values()]
-        computed = sum(c.computed_tokens for c in counts)
-        return sum(c.real_tokens for c in counts) / computed if computed else 1.0
-
-
-class Auth:
-    """Optional bearer-token auth, compared in constant time."""
-
-    def __init__(self, key: str | None):
-        self.key = key
-
-    def check(self, request: Request) -> None:
-        if not self.key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key.encode()):
-            raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or wrong API key: send `Authorization: Bearer <key>`")
-
-
-class Admission:
-    """At most `limit` rerank requests in flight; the next is answered 429 at once, never queued
-    (TEI's try_acquire_permit)."""
-
-    def __init__(self, limit: int, metrics: Metrics):
-        self.limit = limit
-        self.metrics = metrics
-        self._permits = asyncio.Semaphore(limit)
-
-    @asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
-        if self._permits.locked():
-            raise ServiceError(ErrorKind.OVERLOADED, f"{self.limit} requests in flight: the limit is "
-                               f"max_concurrent_requests={self.limit}; retry shortly", headers={"Retry-After": "1"})
-        await self._permits.acquire()  # free: does not wait
-        self.metrics.in_flight.inc()
-        try:
-            yield
-        finally:
-            self.metrics.in_flight.dec()
-            self._permits.release()
 
 
 class RerankService:

@@ -38,6 +38,8 @@ class ErrorKind(Enum):
 
     MALFORMED = ("malformed", 400)  # not JSON, not an object, or a model that is not served
     UNAUTHORIZED = ("unauthorized", 401)
+    NOT_FOUND = ("not_found", 404)  # no such route
+    METHOD_NOT_ALLOWED = ("method_not_allowed", 405)
     TOO_LARGE = ("too_large", 413)  # too many documents, or a body over the limit
     VALIDATION = ("validation", 422)  # a field of the wrong type or value
     EMPTY = ("empty", 422)  # no documents to rank

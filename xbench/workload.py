@@ -15,6 +15,7 @@ seed gives the same pairs on every machine. Passage lengths (`workload.lengths`)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,30 @@ def load_jsonl(path: str | Path) -> Workload:
     return Workload(queries, documents, source=str(p))
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """JSON data with every lone UTF-16 surrogate (from a "\\ud800" escape, or raw bytes that
+    Python's JSON reader lets through) replaced by U+FFFD, as a parser that validates UTF-8 would
+    decode it: such text then tokenizes like any other instead of failing in the tokenizer.
+    Walks nested data iteratively, so depth costs no recursion."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    root = [value]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        container, key = stack.pop()
+        item = container[key]
+        if isinstance(item, str):
+            container[key] = LONE_SURROGATE.sub("\ufffd", item)
+        elif isinstance(item, list):
+            stack.extend((item, i) for i in range(len(item)))
+        elif isinstance(item, dict):
+            stack.extend((item, k) for k in item)
+    return root[0]
+
+
 def document_text(document: Any) -> str | None:
     """A document as rerank APIs and workload files give it: a string or {"text": string}.
     None for anything else. The one normalizer of documents, for files and HTTP bodies alike."""
@@ -171,9 +196,11 @@ def document_text(document: Any) -> str | None:
 
 def parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
     try:
-        obj = json.loads(line)
+        obj = without_lone_surrogates(json.loads(line))
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer past Python's digit limit
+        raise DataError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
         raise DataError(f'{where}: expected an object with a string "query"')
     if "documents" in obj:

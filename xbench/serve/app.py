@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -37,6 +38,7 @@ from xbench.serve.apis import DIALECTS, Dialect, RerankQuery
 from xbench.serve.auth import SERVER_API_KEY_ENV, Auth
 from xbench.serve.metrics import Metrics
 from xbench.serve.models import Models
+from xbench.workload import without_lone_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,9 @@ class RerankService:
 
     async def _rerank(self, request: Request, dialect: Dialect, q: RerankQuery) -> Response:
         name, pipe = self.models.get(q.model)
-        docs = pipe.tokenizers.cut_texts(q.documents, q.max_tokens_per_doc) if q.max_tokens_per_doc else q.documents
+        docs = q.documents
+        if q.max_tokens_per_doc:  # tokenizing is CPU work: off the event loop, which keeps serving others
+            docs = await asyncio.to_thread(pipe.tokenizers.cut_texts, docs, q.max_tokens_per_doc)
         job = pipe.submit([(q.query, d) for d in docs], truncate=q.truncate, direction=q.truncation_direction)
         try:
             result = await self._scores_unless_hung_up(request, job)
@@ -124,9 +128,13 @@ class RerankService:
                 raise ServiceError(ErrorKind.TOO_LARGE, f"request body is over the limit of {limit} bytes")
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            return without_lone_surrogates(json.loads(b"".join(chunks)))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ServiceError(ErrorKind.MALFORMED, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ServiceError(ErrorKind.MALFORMED, "request body is not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer past Python's 4,300-digit limit
+            raise ServiceError(ErrorKind.MALFORMED, f"request body is not valid JSON: {str(exc)[:120]}") from None
 
     # -- the other routes -------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -203,12 +211,22 @@ def create_app(cfg: DictConfig) -> Starlette:
 
         return endpoint
 
+    by_path = {d.path: d for d in DIALECTS.values()}
+
+    async def route_error(request: Request, exc: Exception) -> Response:
+        """404 and 405 in JSON, in the shape of the dialect whose path it was (TEI's elsewhere)."""
+        assert isinstance(exc, HTTPException)
+        kind = ErrorKind.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorKind.NOT_FOUND
+        err = ServiceError(kind, f"{request.method} {request.url.path}: {exc.detail}", headers=dict(exc.headers or {}))
+        dialect = by_path.get(request.url.path, DIALECTS["tei"])
+        return JSONResponse(dialect.error_body(err), status_code=exc.status_code, headers=err.headers)
+
     app = Starlette(routes=[
         *(rerank_route(d) for d in DIALECTS.values()),
         Route("/health", service.health, methods=["GET"]),
         Route("/info", guarded(service.info), methods=["GET"]),
         Route("/metrics", guarded(service.prometheus), methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, exception_handlers={404: route_error, 405: route_error})
     app.state.service = service
     return app
 

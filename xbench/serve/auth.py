@@ -22,4 +22,5 @@ class Auth:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key.encode()):
-            raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or wrong API key: send `Authorization: Bearer <key>`")
+            raise ServiceError(ErrorKind.UNAUTHORIZED, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                               headers={"WWW-Authenticate": "Bearer"})

@@ -18,6 +18,7 @@ from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictReques
 # TEI's error_type names (its router's ErrorType), per kind of error.
 ERROR_TYPES = {
     ErrorKind.MALFORMED: "Validation", ErrorKind.UNAUTHORIZED: "Unauthorized", ErrorKind.TOO_LARGE: "Validation",
+    ErrorKind.NOT_FOUND: "NotFound", ErrorKind.METHOD_NOT_ALLOWED: "Validation",
     ErrorKind.VALIDATION: "Validation", ErrorKind.EMPTY: "Empty", ErrorKind.TOO_LONG: "Validation",
     ErrorKind.OVERLOADED: "Overloaded", ErrorKind.CANCELLED: "Cancelled", ErrorKind.INTERNAL: "Backend",
     ErrorKind.UNAVAILABLE: "Unhealthy",

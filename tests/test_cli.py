@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -127,3 +128,28 @@ def test_config_prints_the_composed_config_with_overrides(tiny_overrides):
     assert "max_batch_size: 7" in result.output and "lengths: longtail" in result.output
     bad = CliRunner().invoke(app, ["config", "batching.planner=greedy"])
     assert bad.exit_code == 2 and "expected one of [cost, tokens]" in bad.output
+
+
+@pytest.mark.parametrize("make_unwritable", ["a-file", "under-proc"])
+def test_an_unwritable_output_fails_before_measuring(tmp_path, tiny_overrides, make_unwritable):
+    if make_unwritable == "a-file":
+        (tmp_path / "results").write_text("not a folder")
+        out = tmp_path / "results" / "point.json"
+    else:
+        out = Path("/proc/xbench-cannot-write/point.json")
+    result = CliRunner().invoke(app, ["pipeline-bench", "-d", "30", "-o", str(out), *tiny_overrides])
+    assert result.exit_code == 2, result.output
+    assert "cannot write results to" in result.output and "Traceback" not in result.output
+
+
+def test_a_write_failure_after_measuring_keeps_the_document(tmp_path, monkeypatch):
+    from xbench.results import store
+
+    def refuse(path, text):
+        raise OSError(30, "Read-only file system")
+
+    real = store.write_text
+    monkeypatch.setattr(store, "write_text", lambda p, t: refuse(p, t) if "kept" not in str(p) else real(p, t))
+    monkeypatch.setattr(store.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "kept"))
+    kept = store.write_or_keep(tmp_path / "gone" / "point.json", {"summary": {"pairs": 3}})
+    assert kept == tmp_path / "kept" / "point.json" and json.loads(kept.read_text())["summary"]["pairs"] == 3

@@ -23,7 +23,8 @@ from xbench.core.pipeline import Pipeline
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import TokenizerPool
 from xbench.models import ResolvedModel, effective_max_length, resolve_model
-from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, run_id, write_json
+from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename, run_id,
+                                  write_or_keep)
 from xbench.workload import Workload, length_profile
 
 PRETOKENIZED_REQUESTS = 64  # distinct pre-tokenized requests infer-bench cycles over
@@ -195,6 +196,7 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
                points: list[tuple[int, int, float | None]], out: Path | None, console: Console) -> list[dict]:
     """Measure (batch, concurrency, rate) points against a ready target; write one document each."""
     run = run_id()
+    check_writable(output_path(out, command, {}, len(points), run).parent)  # before anything is measured
     docs = []
     lengths = target.length_profile(workload) if hasattr(target, "length_profile") else None
     with progress_bar(console) as progress:
@@ -212,7 +214,7 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             doc = result_document(command, cfg, target, params, stats)
             if lengths is not None:
                 doc["workload"] = {"source": workload.source, "pair_tokens": lengths}
-            path = write_json(output_path(out, command, doc["params"], len(points), run), doc)
+            path = write_or_keep(output_path(out, command, doc["params"], len(points), run), doc)
             doc["_path"] = str(path)
             docs.append(doc)
     return docs

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from xbench.config import compose_config, conf_dir, experiment_names, to_dict, validate
 from xbench.errors import XbenchError
-from xbench.results.store import RESULTS_DIR, SCHEMA_VERSION, environment, point_filename, read_results, run_id, write_json
+from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename,
+                                  read_results, run_id, write_json, write_text)
 
 def config_key(cfg: DictConfig) -> str:
     """A short hash of everything that defines a point (the composed config but the sweep's own
@@ -88,8 +89,10 @@ def sweep_job(cfg: DictConfig) -> None:
     e = cfg.experiment
     label = f"{e.command} batch {e.batch_sizes[0]} c{e.concurrency_levels[0]} " + " ".join(
         f"{k}={OmegaConf.select(cfg, k)}" for k in (e.grid or {}))
-    done = len([p for p in run_dir.glob("*.json")])
-    console.print(f"[bold]point {min(done + 1, sweep.points or done + 1)}/{sweep.points or '?'}[/] {label}")
+    from hydra.core.hydra_config import HydraConfig
+
+    number = HydraConfig.get().job.num + 1  # this point's place in the grid, whatever is on disk
+    console.print(f"[bold]point {number}/{sweep.points or '?'}[/] {label}")
     if not sweep.force and (found := _existing(run_dir, key)):
         console.print(f"  [dim]already measured: {found.name} (--force re-measures)[/]")
         return
@@ -145,7 +148,7 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
     cfg = compose_config([o for o in plain if not o.startswith(("hydra.", "hydra/"))], experiment=name)
     run_dir = None if new_run else latest_run(name)
     run_dir = (run_dir or RESULTS_DIR / name / run_id()).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)  # before any point is measured
     bookkeeping = [f"sweep.run_dir={_quoted(str(run_dir))}", f"sweep.points={count_points(cfg) * factor}",
                    f"sweep.force={str(force).lower()}"]
     if data:
@@ -187,9 +190,7 @@ def write_report(run_dir: Path, reference: bool = False) -> Path:
              markdown_table(docs)]
     if reference:
         parts += ["\n## Reference study (Apple M-series GPU, MPS fp16, batch 128, concurrency 16)\n", reference_table()]
-    path = run_dir / "results.md"
-    path.write_text("\n".join(parts))
-    return path
+    return write_text(run_dir / "results.md", "\n".join(parts))
 
 
 def run_all(overrides: list[str], force: bool = False, data: str | None = None, launcher: str | None = None) -> Path:
@@ -201,6 +202,6 @@ def run_all(overrides: list[str], force: bool = False, data: str | None = None, 
         for name in (n for n in experiment_names() if n[:2].isdigit()):
             runs.append(run_sweep(name, overrides, force=force, data=data, launcher=launcher))
     finally:
-        (study / "runs.json").write_text(json.dumps([str(r) for r in runs], indent=2))
+        write_text(study / "runs.json", json.dumps([str(r) for r in runs], indent=2))
         write_report(study, reference=True)
     return study

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import xbench
+from xbench.errors import XbenchError
 from xbench.env import machine
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RESULTS_DIR = Path("results")
 
@@ -37,18 +40,45 @@ def environment() -> dict[str, Any]:
 
 def write_json(path: str | Path, doc: Any) -> Path:
     """Write JSON atomically: a temp file in the same folder, then a rename."""
+    return write_text(path, json.dumps(doc, indent=2, default=_jsonable) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a file atomically: a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2, default=_jsonable)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail before anything is measured when results could not be written into `folder`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise XbenchError(f"cannot write results to {folder}: {exc.strerror or exc}") from None
+
+
+def write_or_keep(path: Path, doc: Any) -> Path:
+    """Write a measured document; if its place has become unwritable, keep it in a temporary
+    folder instead (a measurement is never lost to a write error) and say where."""
+    try:
+        return write_json(path, doc)
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="xbench-results-")) / path.name
+        write_json(fallback, doc)
+        log.warning("could not write %s (%s); the result is kept in %s", path, exc.strerror or exc, fallback)
+        return fallback
 
 
 def _jsonable(x: Any) -> Any:

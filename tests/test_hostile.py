@@ -74,6 +74,11 @@ def test_a_wrong_key_is_answered_with_www_authenticate(tiny_model):
         r = httpx.post(s.url + "/rerank", json={"query": "q", "texts": ["a"]})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(s.url + "/health").status_code == 200  # /health needs no key
+        # The scheme is case-insensitive and blanks around the token are ignored (RFC 7235); the
+        # token itself must match exactly.
+        for header, status in (("bearer k", 200), ("Bearer   k", 200), ("Bearer K", 401), ("Basic k", 401)):
+            got = httpx.post(s.url + "/rerank", json={"query": "q", "texts": ["a"]}, headers={"authorization": header})
+            assert got.status_code == status, header
     finally:
         s.stop()
 

@@ -32,7 +32,7 @@ from starlette.routing import Route
 import xbench
 from xbench.core.pipeline import sigmoid
 from xbench.core.request import RerankJob, RerankResult
-from xbench.errors import ErrorKind, RequestCancelled, ServiceError
+from xbench.errors import ErrorKind, InputTooLong, RequestCancelled, ServiceError
 from xbench.serve.admission import Admission
 from xbench.serve.apis import DIALECTS, Dialect, RerankQuery
 from xbench.serve.auth import SERVER_API_KEY_ENV, Auth
@@ -84,7 +84,7 @@ class RerankService:
         job = pipe.submit([(q.query, d) for d in docs], truncate=q.truncate, direction=q.truncation_direction)
         try:
             result = await self._scores_unless_hung_up(request, job)
-        except ServiceError as exc:
+        except InputTooLong as exc:  # the over-long inputs are among this dialect's documents
             exc.param = exc.param or dialect.documents_field
             raise
         for stage, seconds in result.stages_s.items():

@@ -117,7 +117,7 @@ def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     hidden = width // 3
     head_dim = hidden // heads
     if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None:
-        q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
+        q, k, v = (t.contiguous() for t in qkv.view(tokens, 3, heads, head_dim).unbind(1))
         longest = packing.longest
         out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, longest, longest)
         return out.reshape(tokens, hidden)

@@ -11,6 +11,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,20 @@ class ResolvedModel:
         d = asdict(self)
         d["path"] = str(self.path)
         return d
+
+
+def weights_key(model_dir: Path) -> str:
+    """Hash of the files that define the computation: same weights, same cached conversion
+    (ONNX graph, CTranslate2 model), wherever the folder lives."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        p = model_dir / name
+        if p.is_file():
+            h.update(name.encode())
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
 
 
 def effective_max_length(model: ResolvedModel, requested: int) -> int:

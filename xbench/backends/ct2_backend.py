@@ -20,7 +20,7 @@ import numpy as np
 
 from xbench.backends.base import relevance
 from xbench.errors import BackendUnavailable
-from xbench.models import cache_dir
+from xbench.models import cache_dir, weights_key
 
 log = logging.getLogger(__name__)
 COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -29,9 +29,7 @@ RECIPE = "ct2-1"
 
 
 def converted_path(model_dir: Path) -> Path:
-    from xbench.backends.onnx_backend import _weights_key
-
-    return cache_dir() / "ctranslate2" / f"{model_dir.name}-{_weights_key(model_dir)}-{RECIPE}"
+    return cache_dir() / "ctranslate2" / f"{model_dir.name}-{weights_key(model_dir)}-{RECIPE}"
 
 
 def ensure_converted(model_dir: Path) -> Path:

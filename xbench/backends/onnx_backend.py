@@ -12,7 +12,6 @@ CUDA provider only (CPU kernels for fp16 are scarce).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from xbench.backends.base import relevance
-from xbench.models import cache_dir
+from xbench.models import cache_dir, weights_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,22 +39,8 @@ EXTERNAL_DATA_BYTES = 1 << 30
 FUSED_OPS = ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu", "QAttention")
 
 
-def _weights_key(model_dir: Path) -> str:
-    """Hash of the files that define the computation: same weights, same cached graph,
-    wherever the folder lives."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        p = model_dir / name
-        if p.is_file():
-            h.update(name.encode())
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
-
-
 def onnx_path(model_dir: Path, precision: str) -> Path:
-    folder = f"{model_dir.name}-{_weights_key(model_dir)}"
+    folder = f"{model_dir.name}-{weights_key(model_dir)}"
     return cache_dir() / "onnx" / folder / f"model-{precision}-opset{OPSET}-{RECIPE}.onnx"
 
 

@@ -115,8 +115,16 @@ class Dialect:
     name: ClassVar[str]
     path: ClassVar[str]
     documents_field: ClassVar[str] = "documents"
+    request_model: ClassVar[type[StrictRequest]]
 
     def parse(self, body: Any, max_documents: int) -> RerankQuery:
+        """A validated query; too many documents is a 413 before any is looked at."""
+        if isinstance(body, dict):
+            check_count(body.get(self.documents_field), self.documents_field, max_documents)
+        return self.query(validate(self.request_model, body))
+
+    def query(self, request: Any) -> RerankQuery:
+        """The dialect's validated request model as the one query shape."""
         raise NotImplementedError
 
     def render(self, query: RerankQuery, model: str, result: RerankResult, scores: Any, order: Any) -> Any:

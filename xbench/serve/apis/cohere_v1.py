@@ -14,7 +14,7 @@ from pydantic import PositiveInt
 
 from xbench.core.request import RerankResult
 from xbench.errors import ErrorKind, ServiceError
-from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictRequest, check_count, validate
+from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictRequest
 
 # The `type` Cohere-style clients read, per kind of error.
 ERROR_TYPES = {
@@ -39,12 +39,10 @@ class CohereV1Request(StrictRequest):
 class CohereV1(Dialect):
     name = "cohere"
     path = "/v1/rerank"
+    request_model = CohereV1Request
     api_version = "1"
 
-    def parse(self, body: Any, max_documents: int) -> RerankQuery:
-        if isinstance(body, dict):
-            check_count(body.get("documents"), "documents", max_documents)
-        r = validate(CohereV1Request, body)
+    def query(self, r: CohereV1Request) -> RerankQuery:
         return RerankQuery(r.query, r.documents, model=r.model, top_n=r.top_n, return_documents=r.return_documents,
                            raw_scores=r.raw_scores)
 

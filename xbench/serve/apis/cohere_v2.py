@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from pydantic import PositiveInt
 
-from xbench.serve.apis.base import Documents, RerankQuery, StrictRequest, check_count, validate
+from xbench.serve.apis.base import Documents, RerankQuery, StrictRequest
 from xbench.serve.apis.cohere_v1 import CohereV1
 
 
@@ -23,11 +23,9 @@ class CohereV2Request(StrictRequest):
 class CohereV2(CohereV1):
     name = "cohere-v2"
     path = "/v2/rerank"
+    request_model = CohereV2Request
     api_version = "2"
 
-    def parse(self, body: Any, max_documents: int) -> RerankQuery:
-        if isinstance(body, dict):
-            check_count(body.get("documents"), "documents", max_documents)
-        r = validate(CohereV2Request, body)
+    def query(self, r: CohereV2Request) -> RerankQuery:  # type: ignore[override]
         return RerankQuery(r.query, r.documents, model=r.model, top_n=r.top_n, raw_scores=r.raw_scores,
                            max_tokens_per_doc=r.max_tokens_per_doc)

@@ -13,7 +13,7 @@ from pydantic import field_validator
 
 from xbench.core.request import RerankResult
 from xbench.errors import ErrorKind, ServiceError
-from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictRequest, check_count, validate
+from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictRequest
 
 # TEI's error_type names (its router's ErrorType), per kind of error.
 ERROR_TYPES = {
@@ -44,11 +44,9 @@ class Tei(Dialect):
     name = "tei"
     path = "/rerank"
     documents_field = "texts"
+    request_model = TeiRequest
 
-    def parse(self, body: Any, max_documents: int) -> RerankQuery:
-        if isinstance(body, dict):
-            check_count(body.get("texts"), "texts", max_documents)
-        r = validate(TeiRequest, body)
+    def query(self, r: TeiRequest) -> RerankQuery:
         return RerankQuery(r.query, r.texts, model=r.model, raw_scores=r.raw_scores, return_documents=r.return_text,
                            truncate=r.truncate, truncation_direction=r.truncation_direction)
 

@@ -105,7 +105,19 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_client_batch_size: int = 1000
     max_concurrent_requests: int = 512
+    # Answer 429 (Retry-After from the estimate) when the queued work would keep a new request
+    # waiting longer than this: queued tokens / the measured scoring rate. 0: no bound.
+    max_queue_wait_ms: float = 2000.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # A query is paired with every document: past this many characters it is a 413.
+    max_query_chars: int = 16384
+    # Slow clients: a request's headers, and then its body, must arrive within these.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    # Open connections served at once; past it uvicorn answers 503.
+    max_connections: int = 2048
+    # On SIGTERM: new requests get 503, requests in flight get this long to be scored.
+    shutdown_grace_s: float = 30.0
 
 
 @dataclass

@@ -40,6 +40,7 @@ class ErrorKind(Enum):
     UNAUTHORIZED = ("unauthorized", 401)
     NOT_FOUND = ("not_found", 404)  # no such route
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405)
+    TIMEOUT = ("timeout", 408)  # the body did not arrive within body_timeout_s
     TOO_LARGE = ("too_large", 413)  # too many documents, or a body over the limit
     VALIDATION = ("validation", 422)  # a field of the wrong type or value
     EMPTY = ("empty", 422)  # no documents to rank
@@ -47,7 +48,7 @@ class ErrorKind(Enum):
     OVERLOADED = ("overloaded", 429)
     CANCELLED = ("cancelled", 499)  # the client went away
     INTERNAL = ("internal", 500)  # the backend failed
-    UNAVAILABLE = ("unavailable", 503)  # the model is loading, failed to load, or a worker died
+    UNAVAILABLE = ("unavailable", 503)  # loading, failed to load, a worker died, or shutting down
 
     @property
     def status(self) -> int:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from xbench.backends import Backend, create_backend, normalize
 from xbench.config import BatchingConfig
 from xbench.core import cost_model
+from xbench.core.backlog import Backlog
 from xbench.core.batcher import Batcher, ModelBatch
 from xbench.core.model_pool import BackendFactory, ModelPool
 from xbench.core.request import RerankJob, RerankResult
@@ -46,7 +47,9 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.planner = batching.planner
         self.batcher = Batcher(batching)
-        self.models = ModelPool(backend, workers, threads_per_worker, self.batcher.next_batch, observe_batch)
+        self.backlog = Backlog(workers)
+        self._observe_batch = observe_batch
+        self.models = ModelPool(backend, workers, threads_per_worker, self.batcher.next_batch, self._observed)
         self._backend_params = describe_backend  # backend, device, precision: what the factory builds
         self.started = False
 
@@ -91,6 +94,12 @@ class Pipeline:
         fitted = cost_model.load_or_calibrate(key, forward, cache_dir() / "costs")
         self.batcher.cost = dataclasses.replace(fitted, packed=self.models.packed,
                                                 varlen_attention=bool(getattr(backend, "varlen_attention", False)))
+        self.backlog.seed(self.batcher.cost)
+
+    def _observed(self, batch: ModelBatch, seconds: float) -> None:
+        self.backlog.observe_batch(batch.real_tokens, seconds)
+        if self._observe_batch:
+            self._observe_batch(batch, seconds)
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> RerankJob:
@@ -98,6 +107,7 @@ class Pipeline:
         longer than max_length are cut from the `direction` side or, with truncate=False, fail
         the job with InputTooLong once tokenized, before they reach the model."""
         job = RerankJob(pairs, truncate, direction)
+        job.count_work(self.backlog)
         job.reservation = self.batcher.reserve()
         try:
             tokenizing = self.tokenizers.submit(pairs, direction)

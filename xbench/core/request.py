@@ -7,6 +7,10 @@ workers `deliver` scores row by row, and the caller waits on it: `result()` on a
 `await wait()` on an event loop, where cancelling the awaiting task cancels the job (TEI's queue
 drops an entry whose reply channel is closed in the same way).
 
+A job also counts its work in its pipeline's backlog (core/backlog.py), which admission reads:
+its tokens are added when it is submitted (estimated, then counted once tokenized) and taken away
+as its rows are scored, or all at once when it ends otherwise.
+
 A job also holds its batcher reservation: while it is being tokenized the batcher knows more
 pairs are coming and may wait for them to fill a batch; whichever way the job leaves that stage
 (queued, failed, cancelled, empty), it releases the reservation itself, exactly once.
@@ -22,6 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from xbench.core.backlog import Backlog
 from xbench.core.tokenizer_pool import Encoded, Pair
 from xbench.errors import RequestCancelled
 
@@ -51,6 +56,8 @@ class RerankJob:
         self.tokenize_started = self.submitted  # when a tokenizer worker picked it up
         self.enqueued = self.submitted  # when its pairs reached the batcher
         self.reservation: Reservation | None = None
+        self.backlog: Backlog | None = None
+        self._owed = 0.0  # tokens this job has in the backlog
         self.cancelled = False
         self._logits: np.ndarray | None = None
         self._remaining = 0
@@ -72,9 +79,19 @@ class RerankJob:
         return self.cancelled or self._error is not None
 
     # -- the stages ------------------------------------------------------------------------
+    def count_work(self, backlog: Backlog) -> None:
+        """Add its estimated tokens to the backlog (made exact once tokenized)."""
+        self.backlog = backlog
+        self._owe(backlog.estimate(self._chars()))
+
     def queued(self, encoded: Encoded) -> None:
         """Its pairs are tokenized and about to enter the batcher."""
         now = time.perf_counter()
+        if self.backlog is not None:
+            self.backlog.tokenized(self._chars(), encoded.total_tokens)
+            with self._lock:
+                if not self._done.is_set():
+                    self._owe(encoded.total_tokens - self._owed)
         self.encoded = encoded
         self.tokenize_started = now - encoded.tokenize_s
         self.enqueued = now
@@ -92,6 +109,9 @@ class RerankJob:
             assert self._logits is not None
             self._logits[indices] = logits
             self._remaining -= len(indices)
+            if self.backlog is not None:
+                ids = self.encoded.ids  # type: ignore[union-attr]
+                self._owe(-sum(len(ids[i]) for i in indices))
             if self._first_infer is None or infer_start < self._first_infer:
                 self._first_infer = infer_start
             finished = self._remaining == 0
@@ -157,11 +177,20 @@ class RerankJob:
         }
         self._settle(RerankResult(self._logits, enc.total_tokens, stages, enc.truncated), None)
 
+    def _chars(self) -> int:
+        return sum(len(q) + len(d) for q, d in self.pairs)
+
+    def _owe(self, tokens: float) -> None:
+        if self.backlog is not None and tokens:
+            self._owed += tokens
+            self.backlog.add(tokens)
+
     def _settle(self, result: RerankResult | None, error: BaseException | None) -> None:
         with self._lock:
             if self._done.is_set():
                 return
             self._result, self._error = result, error
+            self._owe(-self._owed)
             callbacks, self._callbacks = self._callbacks, []
             self._done.set()
         self.release_reservation()  # a job that never reached the batcher must not be awaited there

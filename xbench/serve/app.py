@@ -1,12 +1,18 @@
 """The rerank server: Starlette routes and their handlers.
 
 A request's way: the route picks its dialect (serve/apis/); `RerankService.rerank` checks the
-key (serve/auth.py), reads the body under its size limit, lets the dialect parse and validate it,
-takes an admission permit (serve/admission.py: over the limit it is answered 429 at once),
-submits the pairs to the model's pipeline (serve/models.py) and awaits the job, racing the
-client's hang-up (a hang-up cancels the job, whose pairs are then dropped before they cost
-compute); the dialect renders the scores or the error. Routes: POST /v1/rerank, /v2/rerank,
-/rerank; GET /health, /info, /metrics.
+key (serve/auth.py), reads the body under its size limit and time limit, lets the dialect parse
+and validate it, takes an admission permit (serve/admission.py: over the request limit, or when
+the queue's estimated wait is over `max_queue_wait_ms`, it is answered 429 at once), submits the
+pairs to the model's pipeline (serve/models.py) and awaits the job, racing the client's hang-up
+(a hang-up cancels the job, whose pairs are then dropped before they cost compute); the dialect
+renders the scores or the error. Routes: POST /v1/rerank, /v2/rerank, /rerank; GET /health,
+/info, /metrics.
+
+Shutdown (SIGTERM or Ctrl-C) drains: new requests are answered 503 with Retry-After, every
+response carries `Connection: close`, and requests in flight are scored; those still unscored
+when `shutdown_grace_s` is nearly spent are answered 503 and their pairs dropped, so the process
+exits within the grace period and no accepted request goes unanswered.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from omegaconf import DictConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import xbench
-from xbench.core.pipeline import sigmoid
+from xbench.core.pipeline import Pipeline, sigmoid
 from xbench.core.request import RerankJob, RerankResult
 from xbench.errors import ErrorKind, InputTooLong, RequestCancelled, ServiceError
 from xbench.serve.admission import Admission
@@ -52,7 +59,9 @@ class RerankService:
         self.metrics = Metrics()
         self.models = Models(cfg, self.metrics)
         self.auth = Auth(self.server.api_key or os.environ.get(SERVER_API_KEY_ENV) or None)
-        self.admission = Admission(int(self.server.max_concurrent_requests), self.metrics)
+        self.admission = Admission(int(self.server.max_concurrent_requests),
+                                   float(self.server.max_queue_wait_ms) / 1000.0, self.metrics)
+        self.jobs: set[RerankJob] = set()  # in flight: answered 503 if shutdown's grace runs out
 
     # -- the rerank routes ------------------------------------------------------------------
     async def rerank(self, request: Request, dialect: Dialect) -> Response:
@@ -61,9 +70,11 @@ class RerankService:
         try:
             self.auth.check(request)
             self.models.require_ready()
-            query = dialect.parse(await self._read_json(request), int(self.server.max_client_batch_size))
-            async with self.admission.permit():
-                response = await self._rerank(request, dialect, query)
+            query = dialect.parse(await self._read_json(request), int(self.server.max_client_batch_size),
+                                  int(self.server.max_query_chars))
+            name, pipe = self.models.get(query.model)
+            async with self.admission.permit(pipe.backlog):
+                response = await self._rerank(request, dialect, query, name, pipe)
             status = response.status_code
             return response
         except ServiceError as exc:
@@ -76,17 +87,19 @@ class RerankService:
             self.metrics.requests.labels(dialect.path, str(status)).inc()
             self.metrics.request_duration.labels(dialect.path).observe(time.perf_counter() - start)
 
-    async def _rerank(self, request: Request, dialect: Dialect, q: RerankQuery) -> Response:
-        name, pipe = self.models.get(q.model)
+    async def _rerank(self, request: Request, dialect: Dialect, q: RerankQuery, name: str, pipe: Pipeline) -> Response:
         docs = q.documents
         if q.max_tokens_per_doc:  # tokenizing is CPU work: off the event loop, which keeps serving others
             docs = await asyncio.to_thread(pipe.tokenizers.cut_texts, docs, q.max_tokens_per_doc)
         job = pipe.submit([(q.query, d) for d in docs], truncate=q.truncate, direction=q.truncation_direction)
+        self.jobs.add(job)
         try:
             result = await self._scores_unless_hung_up(request, job)
         except InputTooLong as exc:  # the over-long inputs are among this dialect's documents
             exc.param = exc.param or dialect.documents_field
             raise
+        finally:
+            self.jobs.discard(job)
         for stage, seconds in result.stages_s.items():
             self.metrics.stage_duration.labels(stage).observe(seconds)
         self.metrics.pairs.inc(len(docs))
@@ -122,11 +135,17 @@ class RerankService:
         if declared and declared.isdigit() and int(declared) > limit:
             raise ServiceError(ErrorKind.TOO_LARGE, f"request body of {declared} bytes is over the limit of {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ServiceError(ErrorKind.TOO_LARGE, f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
+        timeout = float(self.server.body_timeout_s)
+        try:
+            async with asyncio.timeout(timeout):  # a body trickled byte by byte would hold the connection
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ServiceError(ErrorKind.TOO_LARGE, f"request body is over the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ServiceError(ErrorKind.TIMEOUT, f"request body not received within body_timeout_s={timeout:g}",
+                               headers={"Connection": "close"}) from None
         try:
             return without_lone_surrogates(json.loads(b"".join(chunks)))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -138,6 +157,8 @@ class RerankService:
 
     # -- the other routes -------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
+        if self.admission.draining:  # load balancers stop routing here
+            return JSONResponse({"status": "draining"}, status_code=503)
         if self.models.healthy():
             return JSONResponse({"status": "ok"})
         state = "loading" if not self.models.load_error else "failed"
@@ -161,6 +182,8 @@ class RerankService:
             "max_batch_tokens": self.cfg.batching.max_batch_tokens,
             "max_batch_size": self.cfg.batching.max_batch_size,
             "max_concurrent_requests": self.server.max_concurrent_requests,
+            "max_queue_wait_ms": self.server.max_queue_wait_ms,
+            "max_query_chars": self.server.max_query_chars,
             "tokenizer_workers": self.cfg.tokenizer_pool.workers,
             "model_workers": self.cfg.model_pool.workers,
             "models": models, "ready": self.models.ready, "version": xbench.__version__,
@@ -169,6 +192,27 @@ class RerankService:
     async def prometheus(self, request: Request) -> Response:
         self.auth.check(request)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Stop admitting; answer what is still unscored 503 before the grace period ends."""
+        if self.admission.draining:
+            return
+        self.admission.draining = True
+        grace = float(self.server.shutdown_grace_s)
+        # Leave time for the running batch to finish and the process to exit.
+        asyncio.get_running_loop().call_later(max(0.0, grace - min(2.0, grace / 4)), self._abandon_unscored)
+        log.info("draining: %d requests in flight, %.0f s grace", self.admission.in_flight, grace)
+
+    @property
+    def drained(self) -> bool:
+        return self.admission.draining and self.admission.in_flight == 0
+
+    def _abandon_unscored(self) -> None:
+        grace = self.server.shutdown_grace_s
+        for job in list(self.jobs):
+            job.fail(ServiceError(ErrorKind.UNAVAILABLE, f"the server shut down before this request was scored "
+                                  f"(shutdown_grace_s={grace}); retry on another replica", headers={"Retry-After": "1"}))
 
 
 async def _disconnected(request: Request) -> None:
@@ -183,6 +227,23 @@ def timing_headers(result: RerankResult) -> dict[str, str]:
     return {"x-queue-time": f"{ms.get('queue', 0):.3f}", "x-tokenization-time": f"{ms.get('tokenize', 0):.3f}",
             "x-inference-time": f"{ms.get('infer', 0):.3f}", "x-compute-time": f"{sum(ms.values()):.3f}",
             "x-compute-tokens": str(result.total_tokens)}
+
+
+class CloseWhileDraining:
+    """ASGI middleware: while the server drains, every response says `Connection: close`, so a
+    keep-alive client opens its next request elsewhere instead of finding the socket closed."""
+
+    def __init__(self, app: Any, service: RerankService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start" and self.service.admission.draining:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing if scope["type"] == "http" else send)
 
 
 def create_app(cfg: DictConfig) -> Starlette:
@@ -226,7 +287,8 @@ def create_app(cfg: DictConfig) -> Starlette:
         Route("/health", service.health, methods=["GET"]),
         Route("/info", guarded(service.info), methods=["GET"]),
         Route("/metrics", guarded(service.prometheus), methods=["GET"]),
-    ], lifespan=lifespan, exception_handlers={404: route_error, 405: route_error})
+    ], lifespan=lifespan, exception_handlers={404: route_error, 405: route_error},
+        middleware=[Middleware(CloseWhileDraining, service=service)])
     app.state.service = service
     return app
 
@@ -236,7 +298,30 @@ def serve(cfg: DictConfig) -> None:
 
     import uvicorn
 
+    from xbench.serve.protocol import with_header_timeout
+
+    app = create_app(cfg)
+    service: RerankService = app.state.service
+
     class Server(uvicorn.Server):
+        """uvicorn, with a drain before its own shutdown: the first SIGTERM/SIGINT starts the
+        service's drain (the listener stays open and answers 503), and uvicorn's shutdown
+        begins once no rerank request is in flight. A second Ctrl-C forces the exit."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if service.admission.draining or self.should_exit:
+                super().handle_exit(sig, frame)
+            else:
+                self._loop.call_soon_threadsafe(service.begin_drain)
+
+        async def on_tick(self, counter: int) -> bool:
+            self.should_exit = self.should_exit or service.drained
+            return await super().on_tick(counter)
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
         @contextlib.contextmanager
         def capture_signals(self):  # type: ignore[override]
             with super().capture_signals():
@@ -245,6 +330,9 @@ def serve(cfg: DictConfig) -> None:
                 # re-raise the signal the way uvicorn does by default.
                 self._captured_signals.clear()
 
-    config = uvicorn.Config(create_app(cfg), host=cfg.server.host, port=int(cfg.server.port), log_level="warning",
-                            timeout_graceful_shutdown=30, access_log=False)
+    server = cfg.server
+    config = uvicorn.Config(app, host=server.host, port=int(server.port), log_level="warning", access_log=False,
+                            http=with_header_timeout(float(server.header_timeout_s)),
+                            limit_concurrency=int(server.max_connections),
+                            timeout_graceful_shutdown=max(1, int(server.shutdown_grace_s) // 4))
     Server(config).run()

@@ -117,11 +117,16 @@ class Dialect:
     documents_field: ClassVar[str] = "documents"
     request_model: ClassVar[type[StrictRequest]]
 
-    def parse(self, body: Any, max_documents: int) -> RerankQuery:
-        """A validated query; too many documents is a 413 before any is looked at."""
+    def parse(self, body: Any, max_documents: int, max_query_chars: int) -> RerankQuery:
+        """A validated query; too many documents is a 413 before any is looked at, and so is a
+        query past max_query_chars (it is paired with every document)."""
         if isinstance(body, dict):
             check_count(body.get(self.documents_field), self.documents_field, max_documents)
-        return self.query(validate(self.request_model, body))
+        query = self.query(validate(self.request_model, body))
+        if len(query.query) > max_query_chars:
+            raise ServiceError(ErrorKind.TOO_LARGE, f"`query` is {len(query.query)} characters; the limit is "
+                               f"max_query_chars={max_query_chars}", param="query")
+        return query
 
     def query(self, request: Any) -> RerankQuery:
         """The dialect's validated request model as the one query shape."""

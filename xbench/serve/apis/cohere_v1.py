@@ -20,6 +20,7 @@ from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictReques
 ERROR_TYPES = {
     ErrorKind.MALFORMED: "invalid_request_error", ErrorKind.UNAUTHORIZED: "authentication_error",
     ErrorKind.NOT_FOUND: "not_found_error", ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorKind.TIMEOUT: "request_timeout",
     ErrorKind.TOO_LARGE: "request_too_large", ErrorKind.VALIDATION: "validation_error",
     ErrorKind.EMPTY: "validation_error", ErrorKind.TOO_LONG: "validation_error", ErrorKind.OVERLOADED: "overloaded",
     ErrorKind.CANCELLED: "client_closed_request", ErrorKind.INTERNAL: "backend_error",

@@ -21,7 +21,7 @@ ERROR_TYPES = {
     ErrorKind.NOT_FOUND: "NotFound", ErrorKind.METHOD_NOT_ALLOWED: "Validation",
     ErrorKind.VALIDATION: "Validation", ErrorKind.EMPTY: "Empty", ErrorKind.TOO_LONG: "Validation",
     ErrorKind.OVERLOADED: "Overloaded", ErrorKind.CANCELLED: "Cancelled", ErrorKind.INTERNAL: "Backend",
-    ErrorKind.UNAVAILABLE: "Unhealthy",
+    ErrorKind.UNAVAILABLE: "Unhealthy", ErrorKind.TIMEOUT: "Validation",
 }
 
 

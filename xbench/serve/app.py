@@ -49,6 +49,8 @@ from xbench.workload import without_lone_surrogates
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 0.5  # after the drain: time for connections accepted just before it ended to be answered
+
 
 class RerankService:
     """The route handlers."""
@@ -305,8 +307,12 @@ def serve(cfg: DictConfig) -> None:
 
     class Server(uvicorn.Server):
         """uvicorn, with a drain before its own shutdown: the first SIGTERM/SIGINT starts the
-        service's drain (the listener stays open and answers 503), and uvicorn's shutdown
-        begins once no rerank request is in flight. A second Ctrl-C forces the exit."""
+        service's drain (the listener stays open and answers 503). Once no rerank request is in
+        flight the listener closes (new connections are refused, so a client knows nothing was
+        sent), connections accepted just before get LINGER_S to be answered 503, and then
+        uvicorn's shutdown closes the rest. A second Ctrl-C forces the exit."""
+
+        _linger_until: float | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if service.admission.draining or self.should_exit:
@@ -315,7 +321,13 @@ def serve(cfg: DictConfig) -> None:
                 self._loop.call_soon_threadsafe(service.begin_drain)
 
         async def on_tick(self, counter: int) -> bool:
-            self.should_exit = self.should_exit or service.drained
+            if service.drained and not self.should_exit:
+                if self._linger_until is None:
+                    for listener in self.servers:
+                        listener.close()
+                    self._linger_until = time.monotonic() + LINGER_S
+                elif time.monotonic() >= self._linger_until:
+                    self.should_exit = True
             return await super().on_tick(counter)
 
         async def serve(self, sockets: Any = None) -> None:

@@ -39,12 +39,18 @@ class Metrics:
         self.batch_duration = Histogram("xbench_batch_duration_seconds", "Forward pass time per model batch.",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.queue_size = Gauge("xbench_queue_size_pairs", "Pairs waiting in the batcher.", registry=r)
+        self.queue_wait = Gauge("xbench_queue_wait_estimate_seconds", "Estimated wait of a request arriving now: "
+                                "queued tokens / measured tokens per second (admission answers 429 past "
+                                "max_queue_wait_ms).", registry=r)
         self.in_flight = Gauge("xbench_requests_in_flight", "Rerank requests being served.", registry=r)
         self.model_info = Gauge("xbench_model_info", "The served model (value 1).",
                                 ["model", "backend", "device", "precision"], registry=r)
 
     def watch_queue(self, size: Callable[[], int]) -> None:
         self.queue_size.set_function(size)
+
+    def watch_queue_wait(self, seconds: Callable[[], float]) -> None:
+        self.queue_wait.set_function(seconds)
 
     def watch_efficiency(self, efficiency: Callable[[], float]) -> None:
         self.padding_efficiency.set_function(efficiency)

@@ -38,6 +38,7 @@ class Models:
                 d = pipe.describe()
                 self.metrics.model_info.labels(inst.name, d["backend"], d["device"], d["precision"]).set(1)
             self.metrics.watch_queue(lambda: sum(p.batcher.queue_size for p in self.pipelines().values()))
+            self.metrics.watch_queue_wait(lambda: max(p.backlog.wait_s() for p in self.pipelines().values()))
             self.metrics.watch_efficiency(self._padding_efficiency)
             self.ready = True
             log.info("serving %s", ", ".join(self._pipelines))

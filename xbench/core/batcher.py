@@ -160,6 +160,12 @@ class Batcher:
             self._cond.notify_all()
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing on its way."""
+        with self._cond:
+            return not self._pending and not self._planned and self._incoming == 0
+
+    @property
     def queue_size(self) -> int:
         with self._cond:
             return len(self._pending) + sum(len(b) for b in self._planned)

@@ -61,12 +61,14 @@ def threads_per_worker(workers: int, configured: int | None) -> int:
 
 class ModelPool:
     def __init__(self, backend: BackendFactory, workers: int, threads: int | None,
-                 source: BatchSource, observe: BatchObserver | None = None):
+                 source: BatchSource, observe: BatchObserver | None = None,
+                 after_batch: Callable[[], None] | None = None):
         self.workers = workers
         self.threads = threads_per_worker(workers, threads)
         self._create_backend = backend
         self._source = source
         self._observe = observe
+        self._after_batch = after_batch  # on the worker, once the batch's scores are delivered
         self._threads: list[threading.Thread] = []
         self._warm = threading.Barrier(workers)
         self._ready = threading.Barrier(workers + 1)
@@ -114,6 +116,8 @@ class ModelPool:
         try:
             while (batch := self._source()) is not None:
                 self._process(backend, batch)
+                if self._after_batch:
+                    self._after_batch()
         finally:
             if hasattr(backend, "close"):  # engines with threads of their own end them here
                 backend.close()

@@ -21,6 +21,7 @@ from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.backlog import Backlog
 from xbench.core.batcher import Batcher, ModelBatch
+from xbench.core.memory import MemoryReleaser
 from xbench.core.model_pool import BackendFactory, ModelPool
 from xbench.core.request import RerankJob, RerankResult
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool
@@ -49,7 +50,9 @@ class Pipeline:
         self.batcher = Batcher(batching)
         self.backlog = Backlog(workers)
         self._observe_batch = observe_batch
-        self.models = ModelPool(backend, workers, threads_per_worker, self.batcher.next_batch, self._observed)
+        self.memory = MemoryReleaser()
+        self.models = ModelPool(backend, workers, threads_per_worker, self.batcher.next_batch, self._observed,
+                                self._after_batch)
         self._backend_params = describe_backend  # backend, device, precision: what the factory builds
         self.started = False
 
@@ -100,6 +103,10 @@ class Pipeline:
         self.backlog.observe_batch(batch.real_tokens, seconds)
         if self._observe_batch:
             self._observe_batch(batch, seconds)
+
+    def _after_batch(self) -> None:
+        if self.batcher.idle:  # a burst is over: give back what its large batches freed
+            self.memory.maybe_release()
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> RerankJob:

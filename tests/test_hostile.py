@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import threading
 import time
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from xbench.errors import DataError
-from xbench.serve.process import start_server
+from xbench.serve.process import closed_by_server, start_server
 from xbench.workload import load_jsonl
 
 ROUTES = {"/v1/rerank": "documents", "/v2/rerank": "documents", "/rerank": "texts"}
@@ -143,32 +142,13 @@ def test_overload_past_the_queue_wait_bound_is_shed_with_retry_after(tiny_model)
         s.stop()
 
 
-def open_socket(server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
-def closed_by_server(sock: socket.socket) -> bytes | None:
-    """What the server sent before closing the connection, or None if it is still open."""
-    sock.settimeout(0.2)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except socket.timeout:
-        return None
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def test_slow_clients_hold_no_slot_and_are_cut_off(tiny_model):
     s = start_server([f"model_pool.instances.0.name={tiny_model}", "server.max_concurrent_requests=4",
                       "server.header_timeout_s=1.5", "server.body_timeout_s=1.5"])
     try:
-        silent = [open_socket(s) for _ in range(20)]
-        slowloris = [open_socket(s) for _ in range(20)]
-        tricklers = [open_socket(s) for _ in range(20)]  # more than the 4 request slots
+        silent = [s.connect() for _ in range(20)]
+        slowloris = [s.connect() for _ in range(20)]
+        tricklers = [s.connect() for _ in range(20)]  # more than the 4 request slots
         for sock in slowloris:
             sock.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\n")  # headers never finish
         for sock in tricklers:
@@ -196,7 +176,7 @@ def test_past_the_connection_cap_requests_get_503_until_idle_sockets_are_cut(tin
     s = start_server([f"model_pool.instances.0.name={tiny_model}", "server.max_connections=10",
                       "server.header_timeout_s=1"])
     try:
-        held = [open_socket(s) for _ in range(12)]
+        held = [s.connect() for _ in range(12)]
         time.sleep(0.2)
         r = httpx.post(s.url + "/rerank", json={"query": "q", "texts": ["a"]}, timeout=10)
         assert r.status_code == 503  # answered, not left hanging
@@ -274,11 +254,6 @@ def test_a_backlog_past_the_grace_period_is_answered_503_and_the_process_exits_i
         s.stop()
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
-
-
 @pytest.mark.slow
 def test_rss_returns_to_its_level_after_a_storm_of_large_requests():
     # The full-size model: 200 pairs at 512 tokens free ~400 MB of activations that glibc would
@@ -287,7 +262,7 @@ def test_rss_returns_to_its_level_after_a_storm_of_large_requests():
     try:
         docs = ["a b c"] * 16
         httpx.post(s.url + "/v1/rerank", json={"query": "q", "documents": docs}, timeout=60).raise_for_status()
-        before = rss_mb(s.proc.pid)
+        before = s.rss_mb()
         query = "query words " * 1300  # 15.6 KB, under max_query_chars
         long = [f"document {i} " + "word " * 300 for i in range(200)]
 
@@ -301,7 +276,7 @@ def test_rss_returns_to_its_level_after_a_storm_of_large_requests():
         answers = asyncio.run(storm())
         assert [r.status_code for r in answers] == [200, 422, 422, 422, 422]
         time.sleep(1.0)
-        after = rss_mb(s.proc.pid)
+        after = s.rss_mb()
         assert after <= before * 1.10, f"RSS {before:.0f} MB before, {after:.0f} MB after"
     finally:
         s.stop()

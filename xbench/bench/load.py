@@ -60,14 +60,17 @@ async def _timed(send: Send, i: int, start: float) -> Record:
                   status=sent.status, error=sent.error, tokens=sent.tokens)
 
 
-async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None) -> dict:
-    """Run the load and return the statistics blocks of a result document plus a `load` block."""
+async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None,
+                   records: list[Record] | None = None) -> dict:
+    """Run the load and return the statistics blocks of a result document plus a `load` block;
+    every request's record is appended to `records` when given."""
     ticker = asyncio.create_task(_tick(progress, spec)) if progress else None
+    sink: list[Record] = [] if records is None else records
     try:
         if spec.rate:
-            out = await _open_loop(send, spec)
+            out = await _open_loop(send, spec, sink)
         else:
-            out = await _closed_loop(send, spec, progress)
+            out = await _closed_loop(send, spec, progress, sink)
     finally:
         if ticker:
             ticker.cancel()
@@ -76,7 +79,7 @@ async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None)
     return out
 
 
-async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None) -> dict:
+async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, sink: list[Record]) -> dict:
     begin = time.perf_counter()
     measure_from = begin + spec.warmup_s
     stop_at = measure_from + spec.duration_s
@@ -103,6 +106,7 @@ async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None) ->
                 progress(min(0.99, len(measured) / spec.requests))
 
     await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+    sink.extend(records + measured)
     if spec.requests is not None:
         t0 = min(r.start for r in measured)
         t1 = max(r.end for r in measured)
@@ -114,7 +118,7 @@ async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None) ->
     return stats
 
 
-async def _open_loop(send: Send, spec: LoadSpec) -> dict:
+async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
     assert spec.rate
     rng = np.random.Generator(np.random.PCG64(spec.seed))
     begin = time.perf_counter()
@@ -140,6 +144,7 @@ async def _open_loop(send: Send, spec: LoadSpec) -> dict:
             records.append(t.result())
         else:  # never answered: an error at the drain deadline, not a silent omission
             records.append(Record(now, now, 0, ok=False, error="no response before the drain timeout"))
+    sink.extend(records)
     # Every request *scheduled* in the window counts, however late it finished.
     in_window = [r for r in records if measure_from <= r.start < stop_at]
     t1 = max([stop_at] + [r.end for r in in_window])

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -202,8 +203,8 @@ class RerankService:
             return
         self.admission.draining = True
         grace = float(self.server.shutdown_grace_s)
-        # Leave time for the running batch to finish and the process to exit.
-        asyncio.get_running_loop().call_later(max(0.0, grace - min(2.0, grace / 4)), self._abandon_unscored)
+        # Leave time for the running batch (up to a second or so on a CPU) and the exit.
+        asyncio.get_running_loop().call_later(grace - min(5.0, grace / 2), self._abandon_unscored)
         log.info("draining: %d requests in flight, %.0f s grace", self.admission.in_flight, grace)
 
     @property
@@ -348,3 +349,9 @@ def serve(cfg: DictConfig) -> None:
                             limit_concurrency=int(server.max_connections),
                             timeout_graceful_shutdown=max(1, int(server.shutdown_grace_s) // 4))
     Server(config).run()
+    # Everything the server owns is closed. Skip the interpreter's own teardown: with torch
+    # loaded it takes over a second here, which would come out of the shutdown grace period.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

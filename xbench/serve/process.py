@@ -33,6 +33,16 @@ class RunningServer:
     def headers(self) -> dict:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
+    def rss_mb(self) -> float:
+        """The server process's resident memory (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+    def connect(self) -> socket.socket:
+        """A raw TCP connection, for clients that misbehave below HTTP."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        return socket.create_connection((host, int(port)), timeout=10)
+
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
@@ -62,6 +72,20 @@ class RunningServer:
         code = self.proc.wait()
         self.log.close()
         return code
+
+
+def closed_by_server(sock: socket.socket, wait_s: float = 0.2) -> bytes | None:
+    """What the server sent on `sock` before closing it, or None while it is still open."""
+    sock.settimeout(wait_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except socket.timeout:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
 
 
 def start_server(overrides: list[str], api_key: str | None = None, ready_timeout: float = 120,

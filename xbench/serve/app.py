@@ -73,6 +73,9 @@ class RerankService:
         try:
             self.auth.check(request)
             self.models.require_ready()
+            # Shed before reading the body when even the least busy model's queue is over the
+            # bound: a 429 costs no parsing while the model is saturating the CPU.
+            self.admission.check(self.models.least_busy().backlog)
             query = dialect.parse(await self._read_json(request), int(self.server.max_client_batch_size),
                                   int(self.server.max_query_chars))
             name, pipe = self.models.get(query.model)

@@ -51,6 +51,10 @@ class Models:
         with self._lock:
             return dict(self._pipelines)
 
+    def least_busy(self) -> Pipeline:
+        """The served pipeline whose queue would keep a new request waiting least."""
+        return min(self.pipelines().values(), key=lambda p: p.backlog.wait_s())
+
     def healthy(self) -> bool:
         return self.ready and all(p.models.healthy() for p in self.pipelines().values())
 

@@ -36,7 +36,8 @@ def test_shipped_prometheus_config_passes_promtool():
 def test_dashboard_covers_the_operational_questions():
     exprs = " ".join(dashboard_exprs())
     for metric in ("xbench_requests_total", "xbench_pairs_total", "xbench_request_duration_seconds_bucket",
-                   "xbench_queue_size_pairs", "xbench_batch_size_pairs", "status!~"):
+                   "xbench_queue_size_pairs", "xbench_batch_size_pairs", "status!~",
+                   "xbench_queue_wait_estimate_seconds", "status=~\"429|503\""):
         assert metric in exprs
     assert all(f"histogram_quantile({q}" in exprs for q in ("0.5", "0.95", "0.99"))
 

@@ -91,7 +91,7 @@ class RerankService:
             return Response(status_code=status)
         finally:
             self.metrics.requests.labels(dialect.path, str(status)).inc()
-            self.metrics.request_duration.labels(dialect.path).observe(time.perf_counter() - start)
+            self.metrics.request_duration.labels(dialect.path, str(status)).observe(time.perf_counter() - start)
 
     async def _rerank(self, request: Request, dialect: Dialect, q: RerankQuery, name: str, pipe: Pipeline) -> Response:
         docs = q.documents
@@ -314,12 +314,14 @@ def serve(cfg: DictConfig) -> None:
         service's drain (the listener stays open and answers 503). Once no rerank request is in
         flight the listener closes (new connections are refused, so a client knows nothing was
         sent), connections accepted just before get LINGER_S to be answered 503, and then
-        uvicorn's shutdown closes the rest. A second Ctrl-C forces the exit."""
+        uvicorn's shutdown closes the rest. A second signal skips the rest of the drain; a third
+        Ctrl-C forces the exit."""
 
         _linger_until: float | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if service.admission.draining or self.should_exit:
+            if service.admission.draining or self.should_exit or self._loop is None:
                 super().handle_exit(sig, frame)
             else:
                 self._loop.call_soon_threadsafe(service.begin_drain)

@@ -19,8 +19,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("xbench_requests", "HTTP requests by route and status.", ["route", "status"], registry=r)
-        self.request_duration = Histogram("xbench_request_duration_seconds", "Time from request received to response.",
-                                          ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_duration = Histogram("xbench_request_duration_seconds", "Time from request received to response, "
+                                          "by route and status (a 429 is a decision: it should take no time).",
+                                          ["route", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("xbench_stage_duration_seconds", "Per-request time in each pipeline stage.",
                                         ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.pairs = Counter("xbench_pairs", "Query-document pairs scored.", registry=r)

@@ -140,20 +140,14 @@ class RerankService:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ServiceError(ErrorKind.TOO_LARGE, f"request body of {declared} bytes is over the limit of {limit} bytes")
-        chunks, size = [], 0
         timeout = float(self.server.body_timeout_s)
-        try:
-            async with asyncio.timeout(timeout):  # a body trickled byte by byte would hold the connection
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ServiceError(ErrorKind.TOO_LARGE, f"request body is over the limit of {limit} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
+        try:  # a body trickled byte by byte would hold the connection
+            body = await asyncio.wait_for(_read_body(request, limit), timeout)
+        except asyncio.TimeoutError:
             raise ServiceError(ErrorKind.TIMEOUT, f"request body not received within body_timeout_s={timeout:g}",
                                headers={"Connection": "close"}) from None
         try:
-            return without_lone_surrogates(json.loads(b"".join(chunks)))
+            return without_lone_surrogates(json.loads(body))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ServiceError(ErrorKind.MALFORMED, f"request body is not valid JSON: {exc}") from None
         except RecursionError:
@@ -219,6 +213,16 @@ class RerankService:
         for job in list(self.jobs):
             job.fail(ServiceError(ErrorKind.UNAVAILABLE, f"the server shut down before this request was scored "
                                   f"(shutdown_grace_s={grace}); retry on another replica", headers={"Retry-After": "1"}))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(ErrorKind.TOO_LARGE, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _disconnected(request: Request) -> None:

@@ -231,10 +231,66 @@ def test_slo_search_finds_a_rate_that_meets_the_bound(server, tmp_path):
     assert "highest rate meeting p99_ms=5000:" in proc.stdout and "requests/s" in proc.stdout
     docs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     open_loop = [d for d in docs if d["load"]["mode"] == "open"]
-    assert len(open_loop) == 5 and all(d["load"]["target_rate"] > 0 for d in open_loop)
+    assert open_loop and all(d["load"]["target_rate"] > 0 for d in open_loop)
+    # The verdict reaches disk: every file holds the rates tried and the answer, each probe its own.
+    searched = docs[0]["slo"]
+    assert all(d["slo"]["tried"] == searched["tried"] and d["slo"]["best_rate"] == searched["best_rate"] for d in docs)
+    assert len(searched["tried"]) == len(open_loop) and searched["best_rate"] is not None
+    for d in open_loop:
+        assert d["slo"]["met"] == (d["latency_ms"]["p99"] <= 5000 and d["summary"]["errors"] == 0)
+    assert f"{searched['best_rate']:.3g} requests/s" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "xbench", "load", server.url, "--slo", "p42=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--slo" in bad.stderr
+
+
+def xbench_load(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "xbench", "load", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["PATH=/v9/rerank", "--api", "cohere"], "404 at /v9/rerank; "),  # no such route
+    (["--api", "infinity"], "422 at /rerank: the server refused the infinity body"),  # TEI's route wants texts
+    (["--api", "tei", "NOKEY"], "401 at /rerank: the server wants a key; pass --api-key"),
+    (["--api", "nope"], "--api 'nope' is not one of cohere, cohere-v2, jina, tei, infinity, vllm, vllm-score"),
+])
+def test_load_checks_the_endpoint_before_any_load(server, tmp_path, args, message):
+    url = server.url + (args[0].removeprefix("PATH=") if args[0].startswith("PATH=") else "")
+    key = [] if "NOKEY" in args else ["--api-key", KEY]
+    rest = [a for a in args if not a.startswith("PATH=") and a != "NOKEY"]
+    before = metric(server, 'xbench_requests_total{route="/rerank",status="200"}')
+    proc = xbench_load(url, *rest, *key, "-d", "5", "-o", str(tmp_path))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("*.json"))  # nothing measured
+    assert metric(server, 'xbench_requests_total{route="/rerank",status="200"}') == before
+
+
+def test_load_stops_when_every_request_is_refused_as_wrong(server, tmp_path):
+    # The pre-flight's 2 documents pass; every 60-document request is over max_client_batch_size.
+    t0 = time.perf_counter()
+    proc = xbench_load(server.url, "--api", "tei", "--api-key", KEY, "-b", "60", "-c", "4", "-d", "60",
+                       "--warmup", "0", "-o", str(tmp_path))
+    assert proc.returncode == 2 and "stopped: the last 50 requests" in proc.stderr, proc.stderr
+    assert time.perf_counter() - t0 < 40
+
+
+def test_client_apis_know_each_servers_answer():
+    from xbench.bench.http import CLIENT_APIS, endpoint
+
+    results = {"results": [{"index": 1, "relevance_score": 0.9}, {"index": 0, "relevance_score": 0.1}]}
+    tei = [{"index": 1, "score": 0.9}, {"index": 0, "score": 0.1}]
+    score = {"data": [{"index": 0, "score": 0.1}, {"index": 1, "score": 0.9}]}
+    for name, good in (("cohere", results), ("jina", results), ("infinity", results), ("vllm", results),
+                       ("tei", tei), ("vllm-score", score)):
+        api = CLIENT_APIS[name]
+        assert api.answer_ok(good, 2) and not api.answer_ok(good, 3)
+        assert not any(api.answer_ok(other, 2) for other in (results, tei, score) if other is not good)
+    assert CLIENT_APIS["infinity"].body("q", ["a"], "m") == {"query": "q", "documents": ["a"], "model": "m"}
+    assert CLIENT_APIS["vllm-score"].body("q", ["a"], "m") == {"text_1": "q", "text_2": ["a"], "model": "m"}
+    assert endpoint("http://h:7997", "infinity") == "http://h:7997/rerank"
+    assert endpoint("http://h:8000/", "vllm-score") == "http://h:8000/score"
+    assert endpoint("http://h:8000/custom/rerank", "cohere") == "http://h:8000/custom/rerank"
 
 
 def metric(server, name):

@@ -21,6 +21,12 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from xbench.bench.stats import Record, summarize
+from xbench.errors import XbenchError
+
+
+class StopLoad(XbenchError):
+    """Raised by a target's send when measuring on is pointless (every request is refused as
+    wrong): the load stops at once and the run ends with this message."""
 
 
 @dataclass
@@ -54,6 +60,8 @@ Progress = Callable[[float], None]  # fraction of the run done, 0..1
 async def _timed(send: Send, i: int, start: float) -> Record:
     try:
         sent = await send(i)
+    except StopLoad:
+        raise
     except Exception as exc:  # a failed request is a result, never the end of the run
         return Record(start, time.perf_counter(), 0, ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
     return Record(start, time.perf_counter(), sent.pairs, ok=sent.ok, stages_s=sent.stages_s,
@@ -125,6 +133,7 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
     measure_from = begin + spec.warmup_s
     stop_at = measure_from + spec.duration_s
     tasks: list[asyncio.Task[Record]] = []
+    stopped: list[BaseException] = []  # a StopLoad from any request ends the schedule
     scheduled = begin
     for i in itertools.count():
         if scheduled >= stop_at:
@@ -132,11 +141,18 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_timed(send, i, scheduled)))
+        if stopped:
+            break
+        task = asyncio.create_task(_timed(send, i, scheduled))
+        task.add_done_callback(lambda t: stopped.extend(
+            [t.exception()] if not t.cancelled() and isinstance(t.exception(), StopLoad) else []))
+        tasks.append(task)
         scheduled += float(rng.exponential(1.0 / spec.rate))
     done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s) if tasks else (set(), set())
     for t in pending:
         t.cancel()
+    if stopped:
+        raise stopped[0]
     now = time.perf_counter()
     records = []
     for t in tasks:

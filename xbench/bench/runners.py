@@ -193,8 +193,10 @@ async def measure(target: Any, workload: Workload, batch: int, spec: LoadSpec,
 
 
 def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
-               points: list[tuple[int, int, float | None]], out: Path | None, console: Console) -> list[dict]:
-    """Measure (batch, concurrency, rate) points against a ready target; write one document each."""
+               points: list[tuple[int, int, float | None]], out: Path | None, console: Console,
+               annotate: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measure (batch, concurrency, rate) points against a ready target; write one document each
+    (after `annotate` has added what the caller concludes from it)."""
     run = run_id()
     check_writable(output_path(out, command, {}, len(points), run).parent)  # before anything is measured
     docs = []
@@ -214,6 +216,8 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             doc = result_document(command, cfg, target, params, stats)
             if lengths is not None:
                 doc["workload"] = {"source": workload.source, "pair_tokens": lengths}
+            if annotate:
+                annotate(doc)
             path = write_or_keep(output_path(out, command, doc["params"], len(points), run), doc)
             doc["_path"] = str(path)
             docs.append(doc)

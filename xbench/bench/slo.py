@@ -1,18 +1,33 @@
-"""Capacity search: the highest open-loop rate whose latency percentile stays under a bound."""
+"""Capacity search: the highest open-loop rate whose latency percentile stays under a bound.
+
+`xbench load --slo p99_ms=500` measures the closed-loop capacity, then searches open-loop rates
+(`search_rate`): it brackets downward from half the capacity, halving until a rate meets the
+bound (or the rate falls below 1/64 of capacity: no rate meets it), then bisects between the
+highest rate that met the bound and the lowest above it that did not, until the two are within
+`resolution` of each other. A noisy boundary cannot make it loop: every probe narrows the
+bracket, and the answer is the highest rate that was measured to meet the bound. Every probe's
+result file carries the verdict (`slo`: the bound, whether this point met it, the rates tried
+and the answer).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig
 from rich.console import Console
 
 from xbench.bench.runners import run_points
 from xbench.errors import ConfigError
+from xbench.results.store import write_or_keep
 from xbench.workload import Workload
 
-SEARCH_STEPS = 5
+RESOLUTION = 0.05  # stop when the bracket is within 5% of its upper end
+LOWEST_FRACTION = 1 / 64  # of capacity: below this, no rate meets the bound
+CEILING = 1.1  # of capacity: open loop past the closed-loop capacity only queues
+MAX_PROBES = 12
 
 
 def parse_slo(text: str) -> tuple[str, float]:
@@ -30,29 +45,72 @@ def parse_slo(text: str) -> tuple[str, float]:
     return metric, bound
 
 
+@dataclass
+class RateSearch:
+    best: float | None = None  # the highest rate measured to meet the bound
+    tried: list[tuple[float, bool]] = field(default_factory=list)  # (rate, met), in probe order
+
+
+def search_rate(meets: Callable[[float], bool], capacity: float, resolution: float = RESOLUTION,
+                max_probes: int = MAX_PROBES) -> RateSearch:
+    """Bracket downward from capacity / 2, then bisect; `meets(rate)` measures one rate."""
+    search = RateSearch()
+
+    def probe(rate: float) -> bool:
+        met = meets(rate)
+        search.tried.append((rate, met))
+        if met and (search.best is None or rate > search.best):
+            search.best = rate
+        return met
+
+    lo, hi = 0.0, capacity * CEILING  # lo met the bound (0: none yet); hi is above the answer
+    rate = capacity / 2
+    while len(search.tried) < max_probes:
+        if probe(rate):
+            lo = rate
+            break
+        hi = rate
+        rate /= 2
+        if rate < capacity * LOWEST_FRACTION:
+            return search  # no rate meets the bound
+    while len(search.tried) < max_probes and lo and (hi - lo) > resolution * hi:
+        rate = (lo + hi) / 2
+        if probe(rate):
+            lo = rate
+        else:
+            hi = rate
+    return search
+
+
 def slo_search(command: str, cfg: DictConfig, target: Any, workload: Workload, batch: int, slo: str,
-               out: Path | None, console: Console) -> tuple[list[dict], float | None]:
-    """Measure closed-loop capacity, then bisect open-loop rates below it. Returns every
-    measured document and the highest rate that met the bound with no errors (None if none did)."""
+               out: Path | None, console: Console) -> tuple[list[dict], RateSearch]:
+    """Measure closed-loop capacity, then search open-loop rates below it. Returns every
+    measured document and the search (its `best` is None when no rate met the bound)."""
     metric, bound = parse_slo(slo)
     concurrency = int(cfg.experiment.concurrency_levels[0])
     docs = run_points(command, cfg, target, workload, [(batch, concurrency, None)], out, console)
     capacity = docs[0]["summary"]["requests_per_s"]
     if capacity <= 0:
-        return docs, None
+        return docs, RateSearch()
 
-    def meets(doc: dict) -> bool:
+    def verdict(doc: dict) -> bool:
         value = doc["latency_ms"].get(metric)
         return value is not None and value <= bound and doc["summary"]["errors"] == 0
 
-    lo, hi, best = 0.0, capacity * 1.1, None
-    for _ in range(SEARCH_STEPS):
-        rate = round((lo + hi) / 2, 3) if best is not None or lo > 0 else round(capacity * 0.5, 3)
-        doc = run_points(command, cfg, target, workload, [(batch, concurrency, rate)], out, console)[0]
-        doc["slo"] = {"metric": metric, "bound_ms": bound, "met": meets(doc)}
+    def meets(rate: float) -> bool:
+        def annotate(doc: dict) -> None:
+            doc["slo"] = {"metric": metric, "bound_ms": bound, "met": verdict(doc)}
+
+        doc = run_points(command, cfg, target, workload, [(batch, concurrency, round(rate, 3))], out, console,
+                         annotate=annotate)[0]
         docs.append(doc)
-        if meets(doc):
-            lo, best = rate, rate
-        else:
-            hi = rate
-    return docs, best
+        return doc["slo"]["met"]
+
+    search = search_rate(meets, capacity)
+    # Every file of the search carries its outcome: the rates tried and the answer.
+    outcome = {"best_rate": search.best, "capacity": capacity,
+               "tried": [{"rate": round(r, 3), "met": m} for r, m in search.tried]}
+    for doc in docs:
+        doc["slo"] = {"metric": metric, "bound_ms": bound, **doc.get("slo", {"met": None}), **outcome}
+        write_or_keep(Path(doc["_path"]), {k: v for k, v in doc.items() if k != "_path"})
+    return docs, search

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from xbench.bench.stats import Record, is_stable, latency_summary, summarize, window_rates
@@ -35,3 +36,27 @@ def test_summarize_counts_only_the_measurement_interval_and_errors():
     assert out["summary"]["errors"] == 1
     assert out["summary"]["pairs_per_s"] == pytest.approx(4.0)
     assert out["error_samples"] == {"boom": 1}
+
+
+def test_confidence_intervals_cover_what_they_estimate():
+    from xbench.bench.stats import mean_interval, percentile_interval
+
+    lo, hi = mean_interval([10.0, 11.0, 9.0, 10.5, 9.5])
+    assert lo < 10.0 < hi and hi - lo == pytest.approx(2 * 2.776 * 0.7906 / 5 ** 0.5, rel=1e-3)
+    assert mean_interval([10.0]) is None
+    rng = np.random.default_rng(1)
+    sample = rng.exponential(0.1, 5000)  # seconds; true p99 = 0.1 * ln(100) s
+    lo, hi = percentile_interval(sample, 99)
+    assert lo < 100 * np.log(100) < hi and hi - lo < 0.2 * 100 * np.log(100)
+    few = percentile_interval(sample[:20], 99)
+    assert few[1] - few[0] > hi - lo  # twenty requests say less than five thousand
+    assert percentile_interval(sample, 99) == [lo, hi]  # seeded: the same file twice
+
+
+def test_summary_reports_its_intervals():
+    recs = [Record(start=i * 0.01, end=i * 0.01 + 0.05 + (i % 7) * 0.001, pairs=4) for i in range(500)]
+    out = summarize(recs, 0.0, 5.05, windows=5)
+    ci = out["confidence"]
+    assert ci["level"] == 0.95 and ci["pairs_per_s"][0] <= out["summary"]["pairs_per_s"] <= ci["pairs_per_s"][1] * 1.01
+    assert ci["latency_ms"]["p50"][0] <= out["latency_ms"]["p50"] <= ci["latency_ms"]["p50"][1]
+    assert "bootstrap" in ci["latency_method"]

@@ -101,17 +101,32 @@ def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, t
     a = run_dir(cwd, "09_concurrency")
     b = tmp_path / "b"
     b.mkdir()
-    for p in a.glob("*.json"):
-        doc = json.loads(p.read_text())
-        doc["summary"]["pairs_per_s"] *= 0.5 if doc["params"]["batch"] == 4 else 1.02
-        (b / p.name).write_text(json.dumps(doc))
-    rows = {r["point"]: r for r in compare(a, b, threshold=0.15)}
+    def write_b(scale_b4: float, interval_b4=None):
+        for p in a.glob("*.json"):
+            doc = json.loads(p.read_text())
+            factor = scale_b4 if doc["params"]["batch"] == 4 else 1.02
+            doc["summary"]["pairs_per_s"] *= factor
+            ci = doc["confidence"]
+            ci["pairs_per_s"] = [x * factor for x in ci["pairs_per_s"]] if ci["pairs_per_s"] else None
+            ci["pairs_per_s"] = interval_b4 if interval_b4 and doc["params"]["batch"] == 4 else ci["pairs_per_s"]
+            (b / p.name).write_text(json.dumps(doc))
+        return {r["point"]: r for r in compare(a, b, threshold=0.15)}
+
+    a_doc = next(json.loads(p.read_text()) for p in a.glob("*.json"))
+    assert len(a_doc["confidence"]["pairs_per_s"]) == 2  # every point carries its 95% interval
+    rows = write_b(0.5)
     slow = next(r for k, r in rows.items() if "b4 " in k)
     same = next(r for k, r in rows.items() if "b8 " in k)
     assert slow["pairs_ratio"] == pytest.approx(0.5) and slow["regression"]
-    assert same["pairs_ratio"] == pytest.approx(1.02) and not same["regression"]
+    assert same["pairs_ratio"] == pytest.approx(1.02) and not same["regression"] and not same["inconclusive"]
     proc = xbench("compare", str(a), str(b), "--fail-on-regression", cwd=cwd)
     assert proc.returncode == 1 and "regression" in proc.stdout
+    # Past the threshold but with intervals that overlap: not a regression, and said to be inconclusive.
+    rows = write_b(0.5, interval_b4=[0.0, 1e9])
+    slow = next(r for k, r in rows.items() if "b4 " in k)
+    assert not slow["regression"] and slow["inconclusive"]
+    proc = xbench("compare", str(a), str(b), "--fail-on-regression", cwd=cwd)
+    assert proc.returncode == 0 and "inconclusive" in proc.stdout
 
 
 def test_ctrl_c_keeps_finished_points_and_writes_the_report(tmp_path, tiny_overrides):

@@ -1,4 +1,6 @@
-"""Statistics of one measured point: throughput, latency percentiles, stages, stability.
+"""Statistics of one measured point: throughput, latency percentiles, stages, stability, and
+95% confidence intervals (pairs/s: Student t over the windows' rates; p50/p99: bootstrap over
+requests).
 
 The one place where numbers are computed from raw request records, for every command.
 """
@@ -56,6 +58,36 @@ def window_rates(ends: Iterable[float], counts: Iterable[int], t0: float, t1: fl
     return [t / width if width > 0 else 0.0 for t in totals]
 
 
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CELLS = 20_000_000  # resamples x requests: fewer resamples for very long runs
+
+
+def mean_interval(values: Sequence[float], level: float = CONFIDENCE) -> list[float] | None:
+    """Student-t interval of the mean of `values` (the windows' rates); None under 2 values."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return None
+    half = float(t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return [float(x.mean()) - half, float(x.mean()) + half]
+
+
+def percentile_interval(values_s: Sequence[float], q: float, level: float = CONFIDENCE,
+                        seed: int = 0) -> list[float] | None:
+    """Bootstrap interval (percentile method, seeded) of the q-th percentile, in ms; None under
+    2 values."""
+    x = np.asarray(values_s, dtype=np.float64) * 1000.0
+    if len(x) < 2:
+        return None
+    resamples = max(100, min(BOOTSTRAP_RESAMPLES, BOOTSTRAP_CELLS // len(x)))
+    rng = np.random.default_rng(seed)
+    stats = np.percentile(x[rng.integers(0, len(x), (resamples, len(x)))], q, axis=1)
+    lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
 def is_stable(rates: Sequence[float]) -> bool:
     last = list(rates)[-STABILITY_WINDOWS:]
     if len(last) < STABILITY_WINDOWS:
@@ -87,6 +119,13 @@ def summarize(records: Sequence[Record], t0: float, t1: float, windows: int = 5)
         },
         "latency_ms": latency_summary([r.latency_s for r in ok]),
         "stages_ms": {s: latency_summary([r.stages_s[s] for r in ok if s in r.stages_s]) for s in stage_names},
+        "confidence": {
+            "level": CONFIDENCE,
+            "pairs_per_s": mean_interval(rates),
+            "pairs_per_s_method": "Student t over the windows' rates",
+            "latency_ms": {k: percentile_interval([r.latency_s for r in ok], PERCENTILES[k]) for k in ("p50", "p99")},
+            "latency_method": "bootstrap over requests (percentile method)",
+        },
         "stability": {
             "windows": windows,
             "pairs_per_s_by_window": rates,

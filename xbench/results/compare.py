@@ -1,4 +1,5 @@
-"""`xbench compare A B`: matching points of two runs, their ratios, flagged past the noise."""
+"""`xbench compare A B`: matching points of two runs, their ratios, flagged past the noise: a
+ratio past the threshold counts only when the two 95% confidence intervals do not overlap."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ def _load(path: Path) -> dict[tuple, dict]:
     return {point_key(d): d for d in docs}
 
 
+def _apart(a: list[float] | None, b: list[float] | None) -> bool:
+    """The two 95% intervals do not overlap (no interval: decided by the threshold alone)."""
+    return not a or not b or a[1] < b[0] or b[1] < a[0]
+
+
 def compare(a: Path, b: Path, threshold: float) -> list[dict]:
+    """A change is flagged when its ratio passes the threshold AND the two points' confidence
+    intervals do not overlap; past the threshold with overlapping intervals it is inconclusive."""
     base, cand = _load(Path(a)), _load(Path(b))
     rows = []
     for key in sorted(set(base) & set(cand), key=str):
@@ -35,11 +43,18 @@ def compare(a: Path, b: Path, threshold: float) -> list[dict]:
         la, lb = da["latency_ms"].get("p99"), db["latency_ms"].get("p99")
         speed = pb / pa if pa else float("nan")
         p99 = lb / la if la and lb else float("nan")
+        ca, cb = da.get("confidence", {}), db.get("confidence", {})
+        speed_apart = _apart(ca.get("pairs_per_s"), cb.get("pairs_per_s"))
+        p99_apart = _apart(ca.get("latency_ms", {}).get("p99"), cb.get("latency_ms", {}).get("p99"))
+        worse = (speed < 1 - threshold, p99 > 1 + threshold)
+        better = (speed > 1 + threshold, p99 < 1 - threshold)
         rows.append({
             "point": configuration(db), "a_pairs_per_s": pa, "b_pairs_per_s": pb, "pairs_ratio": speed,
             "a_p99_ms": la, "b_p99_ms": lb, "p99_ratio": p99,
-            "regression": speed < 1 - threshold or p99 > 1 + threshold,
-            "improvement": speed > 1 + threshold or p99 < 1 - threshold,
+            "regression": (worse[0] and speed_apart) or (worse[1] and p99_apart),
+            "improvement": (better[0] and speed_apart) or (better[1] and p99_apart),
+            "inconclusive": (any(worse) or any(better)) and not ((worse[0] or better[0]) and speed_apart)
+            and not ((worse[1] or better[1]) and p99_apart),
         })
     if not rows:
         raise DataError(f"no point of {a} matches a point of {b} (same command, backend, precision, batch, load, workers)")
@@ -47,11 +62,12 @@ def compare(a: Path, b: Path, threshold: float) -> list[dict]:
 
 
 def render(rows: list[dict], a: Path, b: Path, threshold: float) -> Table:
-    t = Table(title=f"{b} vs {a} (flagged past ±{threshold:.0%})", header_style="bold")
+    t = Table(title=f"{b} vs {a} (flagged past ±{threshold:.0%} with 95% intervals apart)", header_style="bold")
     for col in ("point", "pairs/s A", "pairs/s B", "B/A", "p99 A", "p99 B", "B/A ", "verdict"):
         t.add_column(col, justify="left" if col in ("point", "verdict") else "right")
     for r in rows:
-        verdict = "[red]regression[/]" if r["regression"] else "[green]improvement[/]" if r["improvement"] else "within noise"
+        verdict = ("[red]regression[/]" if r["regression"] else "[green]improvement[/]" if r["improvement"]
+                   else "[yellow]inconclusive[/] (intervals overlap)" if r["inconclusive"] else "within noise")
         t.add_row(r["point"], f"{r['a_pairs_per_s']:.1f}", f"{r['b_pairs_per_s']:.1f}", f"{r['pairs_ratio']:.2f}",
                   f"{r['a_p99_ms'] or 0:.0f}ms", f"{r['b_p99_ms'] or 0:.0f}ms", f"{r['p99_ratio']:.2f}", verdict)
     return t

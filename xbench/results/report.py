@@ -1,4 +1,5 @@
-"""Tables in the reference study's columns, as rich (terminal) and markdown (reports)."""
+"""Tables in the reference study's columns, as rich (terminal) and markdown (reports). Pairs/s,
+P50 and P99 carry the half-width of their 95% confidence interval (bench/stats.py)."""
 
 from __future__ import annotations
 
@@ -45,19 +46,30 @@ def _efficiency(doc: dict[str, Any]) -> str:
     return "-" if eff is None else f"{eff:.0%}"
 
 
+def _with_interval(value: float | None, interval: list[float] | None, fmt: Any) -> str:
+    """'41.2 ±3.1': the value and the half-width of its 95% interval (widest side)."""
+    if value is None or not interval:
+        return fmt(value)
+    half = max(value - interval[0], interval[1] - value)
+    return f"{fmt(value)} ±{fmt(half)}"
+
+
 def row(doc: dict[str, Any]) -> list[str]:
     p, s, lat = doc.get("params", {}), doc.get("summary", {}), doc.get("latency_ms", {})
     if doc.get("error"):
         return [configuration(doc), "", "", "", "failed", "", "", "", "", "", "", doc["error"][:40], ""]
     par = p.get("parallelism")
+    ci = doc.get("confidence", {})
+    ci_lat = ci.get("latency_ms", {})
     return [
         configuration(doc),
         str(p.get("tokenizer_workers", "-")) if doc.get("command") != "infer-bench" else "-",
         str(p.get("model_workers", "-")) if doc.get("command") != "tokenize-bench" else "-",
         "-" if par is None or doc.get("command") == "infer-bench" else ("on" if par else "off"),
         _rate(s.get("requests_per_s")),
-        _rate(s.get("pairs_per_s")),
-        _ms(lat.get("mean")), _ms(lat.get("p50")), _ms(lat.get("p95")), _ms(lat.get("p99")),
+        _with_interval(s.get("pairs_per_s"), ci.get("pairs_per_s"), _rate),
+        _ms(lat.get("mean")), _with_interval(lat.get("p50"), ci_lat.get("p50"), _ms), _ms(lat.get("p95")),
+        _with_interval(lat.get("p99"), ci_lat.get("p99"), _ms),
         _efficiency(doc),
         str(s.get("errors", 0)),
         "yes" if doc.get("stability", {}).get("stable") else "NO",

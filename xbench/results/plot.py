@@ -1,4 +1,5 @@
-"""`xbench plot`: PNG charts of result documents and a self-contained index.html."""
+"""`xbench plot`: PNG charts of result documents and a self-contained index.html. Throughput and
+latency percentiles carry error bars at their 95% confidence intervals."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import html
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -43,6 +45,28 @@ def _lines(docs: list[dict], axis: str) -> dict[str, list[tuple[float, dict]]]:
     return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len({x for x, _ in v}) >= 2}
 
 
+def _interval(doc: dict, metric: str) -> list[float] | None:
+    """A document's 95% interval of pairs/s or of a latency percentile (bench/stats.py)."""
+    ci = doc.get("confidence", {})
+    return ci.get("pairs_per_s") if metric == "pairs_per_s" else ci.get("latency_ms", {}).get(metric)
+
+
+def _value(doc: dict, metric: str) -> float:
+    return doc["summary"]["pairs_per_s"] if metric == "pairs_per_s" else doc["latency_ms"][metric]
+
+
+def _errors(values: list[float], intervals: list[list[float] | None]) -> list[list[float]]:
+    """Error bar lengths [below, above] from 95% intervals (clipped at 0; none where none)."""
+    return [[max(0.0, v - max(i[0], 0.0)) if i else 0.0 for v, i in zip(values, intervals)],
+            [max(0.0, i[1] - v) if i else 0.0 for v, i in zip(values, intervals)]]
+
+
+def _with_bars(ax: plt.Axes, xs: list[float], docs: list[dict], metric: str, *args: Any, **kwargs: Any) -> None:
+    """A line with error bars at each point's 95% confidence interval."""
+    ys = [_value(d, metric) for d in docs]
+    ax.errorbar(xs, ys, *args, yerr=_errors(ys, [_interval(d, metric) for d in docs]), capsize=3, **kwargs)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -62,9 +86,9 @@ def plot_results(path: Path, out: Path) -> list[Path]:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
         for label, pts in by_conc.items():
             xs = [x for x, _ in pts]
-            ax1.plot(xs, [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", label=label)
+            _with_bars(ax1, xs, [d for _, d in pts], "pairs_per_s", marker="o", label=label)
             for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
-                ax2.plot(xs, [d["latency_ms"][q] for _, d in pts], style, marker="o", label=f"{label} {q}")
+                _with_bars(ax2, xs, [d for _, d in pts], q, style, marker="o", label=f"{label} {q}")
         ax1.set(title="Throughput vs concurrency", xlabel="concurrent clients", ylabel="pairs/s")
         ax2.set(title="Latency percentiles vs concurrency", xlabel="concurrent clients", ylabel="latency (ms)")
         for ax in (ax1, ax2):
@@ -76,7 +100,7 @@ def plot_results(path: Path, out: Path) -> list[Path]:
     if by_batch:
         fig, ax = plt.subplots(figsize=(7, 4.8))
         for label, pts in by_batch.items():
-            ax.plot([x for x, _ in pts], [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", label=label)
+            _with_bars(ax, [x for x, _ in pts], [d for _, d in pts], "pairs_per_s", marker="o", label=label)
         ax.set(title="Throughput vs batch size", xlabel="pairs per request", ylabel="pairs/s", xscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -92,9 +116,10 @@ def plot_results(path: Path, out: Path) -> list[Path]:
             if pts:
                 name, color = f"parallelism {'on' if par else 'off'}", "tab:orange" if par else "tab:blue"
                 ws = [w for w, _ in pts]
-                ax1.plot(ws, [d["summary"]["pairs_per_s"] for _, d in pts], marker="o", color=color, label=name)
-                ax2.plot(ws, [d["latency_ms"]["p50"] for _, d in pts], marker="o", color=color, label=f"{name} p50")
-                ax2.plot(ws, [d["latency_ms"]["p99"] for _, d in pts], ":", marker="o", color=color, label=f"{name} p99")
+                points = [d for _, d in pts]
+                _with_bars(ax1, ws, points, "pairs_per_s", marker="o", color=color, label=name)
+                _with_bars(ax2, ws, points, "p50", marker="o", color=color, label=f"{name} p50")
+                _with_bars(ax2, ws, points, "p99", ":", marker="o", color=color, label=f"{name} p99")
         ax1.set(title="Tokenizer throughput vs workers", xlabel="tokenizer workers", ylabel="pairs/s")
         ax1.xaxis.get_major_locator().set_params(integer=True)
         ax2.xaxis.get_major_locator().set_params(integer=True)
@@ -109,7 +134,8 @@ def plot_results(path: Path, out: Path) -> list[Path]:
     values = [d["summary"]["pairs_per_s"] for d in docs]
     colors = [{"tokenize-bench": "tab:green", "infer-bench": "tab:orange", "pipeline-bench": "tab:blue"}.get(d["command"], "tab:gray")
               for d in docs]
-    ax.barh(range(len(docs)), values, color=colors)
+    ax.barh(range(len(docs)), values, color=colors, xerr=_errors(values, [_interval(d, "pairs_per_s") for d in docs]),
+            capsize=3)
     ax.set_yticks(range(len(docs)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set(title="Throughput per configuration", xlabel="pairs/s", xscale="log" if max(values) > 50 * min(values) else "linear")

@@ -96,6 +96,18 @@ def test_plot_writes_charts_and_an_index_that_shows_them(two_point_sweep):
     assert all(p.name in page for p in pngs) and "data:image/png;base64," in page and "<table>" in page
 
 
+def test_plot_draws_concurrency_with_error_bars(two_point_sweep, tmp_path):
+    cwd, _, _ = two_point_sweep
+    for p in run_dir(cwd, "09_concurrency").glob("*.json"):  # the same points at a second concurrency
+        doc = json.loads(p.read_text())
+        for c in (2, 4):
+            doc["params"]["concurrency"] = c
+            (tmp_path / f"c{c}-{p.name}").write_text(json.dumps(doc))
+    proc = xbench("plot", str(tmp_path), "-o", str(tmp_path / "plots"), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "plots" / "concurrency.png").stat().st_size > 5000
+
+
 def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, tmp_path):
     cwd, _, _ = two_point_sweep
     a = run_dir(cwd, "09_concurrency")

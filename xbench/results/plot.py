@@ -61,10 +61,10 @@ def _errors(values: list[float], intervals: list[list[float] | None]) -> list[li
             [max(0.0, i[1] - v) if i else 0.0 for v, i in zip(values, intervals)]]
 
 
-def _with_bars(ax: plt.Axes, xs: list[float], docs: list[dict], metric: str, *args: Any, **kwargs: Any) -> None:
+def _with_bars(ax: plt.Axes, xs: list[float], docs: list[dict], metric: str, fmt: str = "-", **kwargs: Any) -> None:
     """A line with error bars at each point's 95% confidence interval."""
     ys = [_value(d, metric) for d in docs]
-    ax.errorbar(xs, ys, *args, yerr=_errors(ys, [_interval(d, metric) for d in docs]), capsize=3, **kwargs)
+    ax.errorbar(xs, ys, yerr=_errors(ys, [_interval(d, metric) for d in docs]), fmt=fmt, capsize=3, **kwargs)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

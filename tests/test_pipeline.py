@@ -1,6 +1,7 @@
 """Tokenizer pool parity, pipeline score parity against a direct model call, default model."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -148,3 +149,26 @@ def test_parallelism_switch_reaches_the_workers(tiny_model, mode):
         assert seen == "false"
     finally:
         pool.close()
+
+
+def test_the_backlog_counts_a_jobs_tokens_until_they_are_scored(tiny_overrides):
+    from xbench.core.backlog import Backlog
+
+    backlog = Backlog(workers=2)
+    assert backlog.wait_s() == 0.0  # no rate known yet: nothing is refused on a guess
+    backlog.observe_batch(real_tokens=500, seconds=0.5)  # 1,000 tokens/s per worker
+    backlog.add(4000)
+    assert backlog.wait_s() == pytest.approx(2.0)
+
+    with Pipeline.from_config(compose_config(tiny_overrides)) as pipe:
+        assert pipe.backlog.tokens_per_s > 0  # seeded from the calibrated cost model
+        pairs = synthetic(64, seed=3).pairs(64)
+        jobs = [pipe.submit(pairs) for _ in range(4)]
+        assert pipe.backlog.tokens > 0
+        jobs[-1].cancel()
+        for job in jobs[:-1]:
+            job.result(60)
+        deadline = time.time() + 10
+        while pipe.backlog.tokens > 1e-6 and time.time() < deadline:
+            time.sleep(0.01)
+        assert pipe.backlog.tokens == pytest.approx(0.0, abs=1e-6)  # scored or cancelled: nothing owed

@@ -104,6 +104,7 @@ def _others_at(path: str, but: str) -> str:
     by_path: dict[str, list[ClientApi]] = {}
     for a in others:
         by_path.setdefault(a.path, []).append(a)
+
     def names(apis: list[ClientApi]) -> str:
         servers = list(dict.fromkeys(a.server for a in apis))
         return servers[0] if len(servers) == 1 else f"{', '.join(servers[:-1])} and {servers[-1]}"

@@ -57,6 +57,7 @@ class RerankJob:
         self.enqueued = self.submitted  # when its pairs reached the batcher
         self.reservation: Reservation | None = None
         self.backlog: Backlog | None = None
+        self._chars = 0  # characters of its pairs: the backlog's estimate before tokenizing
         self._owed = 0.0  # tokens this job has in the backlog
         self.cancelled = False
         self._logits: np.ndarray | None = None
@@ -82,13 +83,14 @@ class RerankJob:
     def count_work(self, backlog: Backlog) -> None:
         """Add its estimated tokens to the backlog (made exact once tokenized)."""
         self.backlog = backlog
-        self._owe(backlog.estimate(self._chars()))
+        self._chars = sum(len(q) + len(d) for q, d in self.pairs)
+        self._owe(backlog.estimate(self._chars))
 
     def queued(self, encoded: Encoded) -> None:
         """Its pairs are tokenized and about to enter the batcher."""
         now = time.perf_counter()
         if self.backlog is not None:
-            self.backlog.tokenized(self._chars(), encoded.total_tokens)
+            self.backlog.tokenized(self._chars, encoded.total_tokens)
             with self._lock:
                 if not self._done.is_set():
                     self._owe(encoded.total_tokens - self._owed)
@@ -176,9 +178,6 @@ class RerankJob:
             "infer": now - first,
         }
         self._settle(RerankResult(self._logits, enc.total_tokens, stages, enc.truncated), None)
-
-    def _chars(self) -> int:
-        return sum(len(q) + len(d) for q, d in self.pairs)
 
     def _owe(self, tokens: float) -> None:
         if self.backlog is not None and tokens:

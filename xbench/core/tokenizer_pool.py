@@ -88,13 +88,14 @@ def _encode(tok: Tokenizer, pairs: list[Pair]) -> Encoded:
     t0 = time.perf_counter()
     queries = list(dict.fromkeys(q for q, _ in pairs))
     query_encodings = dict(zip(queries, tok.encode_batch(queries, add_special_tokens=False)))
+    query_lengths = {q: _full_length(e) for q, e in query_encodings.items()}
     documents = tok.encode_batch([d for _, d in pairs], add_special_tokens=False)
     limit = tok.truncation["max_length"]
     budget = limit - tok.post_processor.num_special_tokens_to_add(True)
     ids, type_ids, truncated = [], [], 0
     for (q, _), doc in zip(pairs, documents):
         query = query_encodings[q]
-        nq, nd = _full_length(query), _full_length(doc)
+        nq, nd = query_lengths[q], _full_length(doc)
         if nq + nd > budget:
             truncated += 1
             if min(nq, nd) > budget and nq > nd and len(doc.ids) >= len(query.ids):

@@ -131,7 +131,8 @@ def overload(overrides: list[str], workload: Any, duration: float, rows: list, d
             normal = idle_latency_s(server, probe)
             capacity = capacity or capacity_req_s(server, workload)
             rss_before = server.rss_mb()
-            spec = LoadSpec(rate=4 * capacity, duration_s=duration, warmup_s=0, drain_timeout_s=120)
+            spec = LoadSpec(rate=4 * capacity, duration_s=duration, max_duration_s=duration, warmup_s=0,
+                            drain_timeout_s=120)
             stop_at = time.perf_counter() + duration
             recovered: dict[str, float | None] = {}
             prober = threading.Thread(target=lambda: recovered.update(s=recovery_s(server, probe, normal, stop_at)))
@@ -306,7 +307,8 @@ def soak(overrides: list[str], workload: Any, seconds: float, rows: list, doc: d
         rate = 0.6 * capacity_req_s(server, workload)
         before = server.rss_mb()
         with console.status(f"soak: {rate:.1f} req/s for {seconds:.0f} s ..."):
-            stats, records = run_load(server, workload, LoadSpec(rate=rate, duration_s=seconds, warmup_s=0))
+            stats, records = run_load(server, workload, LoadSpec(rate=rate, duration_s=seconds,
+                                                                  max_duration_s=seconds, warmup_s=0))
         after = server.rss_mb()
     finally:
         server.stop()

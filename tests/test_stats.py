@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xbench.bench.stats import Record, is_stable, latency_summary, summarize, window_rates
+from xbench.bench.stats import Record, even_edges, is_stable, latency_summary, rate_interval, summarize, window_rates
 
 
 def test_percentiles_match_known_list():
@@ -19,8 +19,10 @@ def test_empty_latencies_are_none_not_zero():
 
 
 def test_window_rates_split_by_completion_time():
-    rates = window_rates([0.5, 1.5, 1.6, 2.5], [10, 10, 10, 10], 0.0, 3.0, 3)
+    rates = window_rates([0.5, 1.5, 1.6, 2.5], [10, 10, 10, 10], even_edges(0.0, 3.0, 3))
     assert rates == [10.0, 20.0, 10.0]
+    # uneven windows, a completion on the last edge, and one outside
+    assert window_rates([0.5, 1.5, 3.0, 3.5], [10, 10, 10, 10], [0.0, 1.0, 3.0]) == [10.0, 10.0]
 
 
 def test_stability_rule_flags_a_drifting_run():
@@ -31,7 +33,7 @@ def test_stability_rule_flags_a_drifting_run():
 
 def test_summarize_counts_only_the_measurement_interval_and_errors():
     recs = [Record(0.0, 0.5, 8), Record(0.5, 1.5, 8), Record(1.0, 2.0, 8, ok=False, error="boom"), Record(2.0, 9.0, 8)]
-    out = summarize(recs, 1.0, 3.0, windows=2)
+    out = summarize(recs, even_edges(1.0, 3.0, 2))
     assert out["summary"]["requests"] == 1
     assert out["summary"]["errors"] == 1
     assert out["summary"]["pairs_per_s"] == pytest.approx(4.0)
@@ -39,11 +41,15 @@ def test_summarize_counts_only_the_measurement_interval_and_errors():
 
 
 def test_confidence_intervals_cover_what_they_estimate():
-    from xbench.bench.stats import mean_interval, percentile_interval
+    from xbench.bench.stats import percentile_interval
 
-    lo, hi = mean_interval([10.0, 11.0, 9.0, 10.5, 9.5])
+    # equal windows: the plain Student t interval of the mean
+    lo, hi = rate_interval([10.0, 11.0, 9.0, 10.5, 9.5], [1.0] * 5)
     assert lo < 10.0 < hi and hi - lo == pytest.approx(2 * 2.776 * 0.7906 / 5 ** 0.5, rel=1e-3)
-    assert mean_interval([10.0]) is None
+    assert rate_interval([10.0], [1.0]) is None
+    # unequal windows: centred on total / time, not on the mean of the rates
+    lo, hi = rate_interval([10.0, 20.0, 12.0], [1.0, 1.0, 8.0])
+    assert (lo + hi) / 2 == pytest.approx((10 + 20 + 96) / 10)
     rng = np.random.default_rng(1)
     sample = rng.exponential(0.1, 5000)  # seconds; true p99 = 0.1 * ln(100) s
     lo, hi = percentile_interval(sample, 99)
@@ -55,7 +61,7 @@ def test_confidence_intervals_cover_what_they_estimate():
 
 def test_summary_reports_its_intervals():
     recs = [Record(start=i * 0.01, end=i * 0.01 + 0.05 + (i % 7) * 0.001, pairs=4) for i in range(500)]
-    out = summarize(recs, 0.0, 5.05, windows=5)
+    out = summarize(recs, even_edges(0.0, 5.05, 5))
     ci = out["confidence"]
     assert ci["level"] == 0.95 and ci["pairs_per_s"][0] <= out["summary"]["pairs_per_s"] <= ci["pairs_per_s"][1] * 1.01
     assert ci["latency_ms"]["p50"][0] <= out["latency_ms"]["p50"] <= ci["latency_ms"]["p50"][1]

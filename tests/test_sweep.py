@@ -160,3 +160,57 @@ def test_ctrl_c_keeps_finished_points_and_writes_the_report(tmp_path, tiny_overr
     assert 1 <= len(finished) < 6
     assert all(json.loads(p.read_text())["summary"]["requests"] > 0 for p in finished)
     assert (folder / "results.md").read_text().count("| Full pipeline") == len(finished)
+
+
+def test_results_md_says_what_was_measured(two_point_sweep):
+    cwd, _, _ = two_point_sweep
+    report = (run_dir(cwd, "09_concurrency") / "results.md").read_text()
+    assert "## What was measured" in report
+    assert "**Workload** `synthetic(seed=0" in report and "tokens per pair: mean" in report
+    assert "**Model** `" in report and "seeded head" in report
+
+
+def test_report_exports_csv_json_and_markdown(two_point_sweep, tmp_path):
+    import csv
+
+    cwd, _, _ = two_point_sweep
+    folder = run_dir(cwd, "09_concurrency")
+    proc = xbench("report", str(folder), "--format", "csv", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(proc.stdout.splitlines()))
+    assert sorted(int(r["batch"]) for r in rows) == [4, 8]
+    for r in rows:
+        assert float(r["pairs_per_s_ci_low"]) <= float(r["pairs_per_s"]) <= float(r["pairs_per_s_ci_high"])
+        assert float(r["p99_ms_ci_low"]) <= float(r["p99_ms"]) <= float(r["p99_ms_ci_high"]) * 1.0001
+        assert r["stable"] in ("True", "False") and r["workload"].startswith("synthetic")
+    out = tmp_path / "points.json"
+    assert xbench("report", str(folder), "-f", "json", "-o", str(out), cwd=cwd).returncode == 0
+    assert [r["pairs_per_s"] for r in json.loads(out.read_text())] == [float(r["pairs_per_s"]) for r in rows]
+    md = xbench("report", str(folder), cwd=cwd).stdout
+    assert md.count("| Full pipeline") == 2 and "## What was measured" in md
+    bad = xbench("report", str(folder), "--format", "xlsx", cwd=cwd)
+    assert bad.returncode == 2 and "--format 'xlsx'" in bad.stderr and "csv" in bad.stderr
+    empty = xbench("report", str(tmp_path / "nothing"), cwd=cwd)
+    assert empty.returncode == 2 and "no result documents" in empty.stderr
+
+
+def test_compare_does_not_flag_the_same_config_measured_twice(tmp_path, tiny_overrides):
+    for name in ("a", "b"):
+        proc = xbench("pipeline-bench", "-b", "4", "-c", "2", "-d", "1.5", "--warmup", "0.3",
+                      "-o", str(tmp_path / name), *tiny_overrides, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    (row,) = compare(tmp_path / "a", tmp_path / "b", threshold=0.15)
+    assert not row["regression"] and not row["improvement"]
+
+
+def test_an_unconverged_point_is_explained():
+    from xbench.results.report import convergence_section
+
+    doc = {"command": "infer-bench", "params": {"backend": "pytorch", "precision": "fp32", "batch": 128,
+                                                "concurrency": 1},
+           "stability": {"stable": False, "spread_pct": 23.0, "windows": 3, "window_s": [2.0, 2.0, 2.0],
+                         "metric": "pairs_per_s", "time_limit_s": 30.0},
+           "load": {"measured_s": 30.2}, "latency_ms": {"p50": 4000.0}}
+    text = convergence_section([doc, {**doc, "stability": {"stable": True}}])
+    assert text.count("\n- ") == 1
+    assert "differed by 23%" in text and "one request takes 4.0 s" in text and "max_duration_s" in text

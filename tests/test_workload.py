@@ -52,3 +52,13 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, fragment):
 def test_missing_data_file():
     with pytest.raises(DataError, match="no such file"):
         load_jsonl("/nonexistent/pairs.jsonl")
+
+
+def test_a_data_file_is_named_by_its_hash(tmp_path):
+    import hashlib
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "q", "document": "d"}\n')
+    assert load_jsonl(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_text('{"query": "q", "document": "e"}\n')
+    assert load_jsonl(path).sha256 != hashlib.sha256(b'{"query": "q", "document": "d"}\n').hexdigest()

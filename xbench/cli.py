@@ -250,6 +250,29 @@ def compare_command(
         raise typer.Exit(1)
 
 
+@app.command("report")
+@user_errors
+def report_command(
+    path: Path = typer.Argument(..., help="A result file or run folder (or results/)."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md (tables and what was measured), csv or json (one row per point, with the 95% interval bounds)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of standard output."),
+) -> None:
+    """Export a run's points for spreadsheets, CI dashboards or a pull request."""
+    from xbench.errors import DataError
+    from xbench.results.report import export_text
+    from xbench.results.store import read_results, write_text
+
+    docs = sorted(read_results(path), key=lambda d: d["_path"])
+    if not docs:
+        raise DataError(f"{path}: no result documents there")
+    text = export_text(docs, fmt)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_text(out, text)
+        err_console.print(f"wrote {out}")
+
+
 @app.command("config")
 @user_errors
 def show_config(

@@ -128,13 +128,20 @@ class ExperimentConfig:
     grid: Dict[str, List[Any]] = field(default_factory=dict)
     batch_sizes: List[int] = field(default_factory=lambda: [128])
     concurrency_levels: List[int] = field(default_factory=lambda: [16])
+    # A point is measured until it converges (bench/load.py): at least duration_s, in at least
+    # `windows` windows, each at least duration_s / windows long and holding at least
+    # min_requests_per_window requests; it ends when the last 3 windows agree within
+    # stability_pct, or at max_duration_s (null: 3 x duration_s), reported unstable.
     duration_s: float = 10.0
     warmup_s: float = 2.0
-    # When set, measure this many requests instead of a fixed duration.
+    windows: int = 5
+    min_requests_per_window: int = 20
+    stability_pct: float = 10.0
+    max_duration_s: Optional[float] = None
+    # When set, measure exactly this many requests (in even windows) instead.
     requests: Optional[int] = None
     # Open loop: Poisson arrivals at this many requests/s instead of closed-loop clients.
     rate: Optional[float] = None
-    windows: int = 5
     seed: int = 0
     num_pairs: int = 4096
 
@@ -265,7 +272,13 @@ def validate(cfg: DictConfig) -> None:
         positive("experiment.requests", exp.requests)
     if exp.rate is not None:
         positive("experiment.rate", exp.rate)
-    positive("experiment.windows", exp.windows)
+    if exp.windows < 3:
+        raise ConfigError(f"experiment.windows={exp.windows} must be at least 3 (stability compares the last 3)")
+    positive("experiment.min_requests_per_window", exp.min_requests_per_window)
+    positive("experiment.stability_pct", exp.stability_pct)
+    if exp.max_duration_s is not None and exp.max_duration_s < exp.duration_s:
+        raise ConfigError(f"experiment.max_duration_s={exp.max_duration_s} is below experiment.duration_s="
+                          f"{exp.duration_s}: it is the limit a point may extend to while it converges")
     if exp.command not in BENCH_COMMANDS:
         raise ConfigError(f"experiment.command={exp.command!r} is not one of {', '.join(BENCH_COMMANDS)}")
     positive("experiment.num_pairs", exp.num_pairs)

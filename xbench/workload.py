@@ -14,6 +14,7 @@ seed gives the same pairs on every machine. Passage lengths (`workload.lengths`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -73,12 +74,13 @@ class Request:
 class Workload:
     """A source of requests of `batch` documents, cycling over a fixed set of pairs."""
 
-    def __init__(self, queries: list[str], documents: list[list[str]], source: str):
+    def __init__(self, queries: list[str], documents: list[list[str]], source: str, sha256: str | None = None):
         if not queries:
             raise DataError(f"workload {source} holds no requests")
         self.queries = queries
         self.documents = documents  # documents[i] belongs to queries[i]
         self.source = source
+        self.sha256 = sha256  # of a data file's bytes (a synthetic workload is named by its seed)
         self._flat = [d for docs in documents for d in docs]
 
     def request(self, i: int, batch: int) -> Request:
@@ -159,7 +161,7 @@ def load_jsonl(path: str | Path) -> Workload:
             else:
                 queries.append(query)
                 documents.append(docs)
-    return Workload(queries, documents, source=str(p))
+    return Workload(queries, documents, source=str(p), sha256=hashlib.sha256(p.read_bytes()).hexdigest())
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -226,6 +228,13 @@ def make_workload(data: str | Path | None, cfg: Any) -> Workload:
     w = cfg.workload
     return synthetic(num_pairs=cfg.experiment.num_pairs, seed=cfg.experiment.seed, docs_per_query=w.docs_per_query,
                      lengths=w.lengths, fixed_words=w.fixed_words)
+
+
+def char_profile(workload: Workload, pairs: int = 4096) -> dict:
+    """Pair lengths in characters (query + document), for targets whose tokenizer is not ours."""
+    a = np.asarray([len(q) + len(d) for q, d in workload.pairs(min(pairs, workload.size))], dtype=np.int64)
+    return {"pairs": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "max": int(a.max())}
 
 
 def length_profile(lengths: list[int] | np.ndarray, max_length: int) -> dict:

@@ -8,6 +8,11 @@ Closed loop: each client sends its next request when the last returns; latency i
 from the send. Open loop: requests are scheduled at Poisson arrival times whatever the
 target does, and latency is timed from the *scheduled* time, so a stalled target cannot
 hide its queueing behind slow responses (coordinated omission).
+
+A point is measured until it converges (`Windows`), as perf_analyzer measures: after the
+warm-up, windows close on completions once they are both long enough and hold enough requests;
+the point ends when its last three windows agree, or at its time limit, reported unstable with
+the spread it reached.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from xbench.bench.stats import Record, summarize
+from xbench.bench.stats import Record, even_edges, spread, stability_block, summarize
 from xbench.errors import XbenchError
 
 
@@ -45,12 +50,89 @@ class Sent:
 class LoadSpec:
     concurrency: int = 1
     rate: float | None = None  # requests/s; set for open loop
-    duration_s: float = 10.0
+    duration_s: float = 10.0  # the least time measured; each window lasts at least duration_s / windows
     warmup_s: float = 2.0
-    requests: int | None = None  # closed loop: measure exactly this many requests
-    windows: int = 5
+    requests: int | None = None  # closed loop: measure exactly this many requests, in even windows
+    windows: int = 5  # the fewest windows measured
+    min_window_requests: int = 20  # a window closes only once this many requests finished in it
+    stability_pct: float = 10.0  # the last 3 windows must agree within this
+    max_duration_s: float | None = None  # measuring ends here, converged or not; None: 3 x duration_s
     seed: int = 0
     drain_timeout_s: float = 120.0  # open loop: how long in-flight requests may finish
+
+    @property
+    def time_limit_s(self) -> float:
+        return max(self.duration_s, 3 * self.duration_s if self.max_duration_s is None else self.max_duration_s)
+
+
+class Windows:
+    """Measurement windows that close on completions, and the point's convergence.
+
+    A window closes at the first completion that finds it at least `duration_s / windows` long
+    and holding `min_window_requests` finished requests. Once `windows` have closed, the point
+    ends when the last three agree within `stability_pct` on `metric` (closed loop: pairs/s;
+    open loop: median latency, since its throughput is the arrival process's). While they
+    disagree, each next window must hold twice the requests, so sampling noise shrinks as it
+    runs. At the time limit the open window is merged into the last closed one.
+    """
+
+    def __init__(self, start: float, spec: LoadSpec, metric: str):
+        self.edges = [start]
+        self.values: list[float] = []
+        self.spec, self.metric = spec, metric
+        self.min_s = spec.duration_s / spec.windows
+        self.need = spec.min_window_requests
+        self.current: list[Record] = []
+        self.closed: list[list[Record]] = []
+        self.ended: str | None = None  # "converged" or "time limit"
+
+    @property
+    def done(self) -> bool:
+        return self.ended is not None
+
+    def value(self, records: list[Record], width: float) -> float:
+        ok = [r for r in records if r.ok]
+        if self.metric == "pairs_per_s":
+            return sum(r.pairs for r in ok) / width if width > 0 else 0.0
+        return float(np.median([r.latency_s * 1000 for r in ok])) if ok else 0.0
+
+    def add(self, rec: Record) -> None:
+        if self.done:
+            return
+        self.current.append(rec)
+        if rec.end - self.edges[-1] >= self.min_s and len(self.current) >= self.need:
+            self._close(rec.end)
+            if len(self.values) >= self.spec.windows:
+                if (s := spread(self.values)) is not None and s <= self.spec.stability_pct / 100:
+                    self.ended = "converged"
+                else:
+                    self.need *= 2
+
+    def _close(self, at: float) -> None:
+        self.values.append(self.value(self.current, at - self.edges[-1]))
+        self.edges.append(at)
+        self.closed.append(self.current)
+        self.current = []
+
+    def expire(self, at: float) -> None:
+        """The time limit: the open window joins the last closed one (or closes alone)."""
+        if self.done:
+            return
+        if self.closed and self.current:
+            last = self.closed.pop() + self.current
+            self.values.pop()
+            self.edges.pop()
+            self.current = last
+        if self.current or not self.closed:
+            self._close(at)
+        self.ended = "time limit"
+
+    def verdict(self) -> dict:
+        return stability_block(self.values, self.metric, self.spec.stability_pct / 100, windows=len(self.values),
+                               window_s=[b - a for a, b in zip(self.edges, self.edges[1:])],
+                               window_requests=[len(w) for w in self.closed], ended=self.ended,
+                               min_requests_per_window=self.spec.min_window_requests,
+                               time_limit_s=self.spec.time_limit_s)
 
 
 Send = Callable[[int], Awaitable[Sent]]
@@ -90,39 +172,65 @@ async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None,
 async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, sink: list[Record]) -> dict:
     begin = time.perf_counter()
     measure_from = begin + spec.warmup_s
-    stop_at = measure_from + spec.duration_s
+    if spec.requests is not None:
+        return await _closed_loop_requests(send, spec, progress, sink, measure_from)
     counter = itertools.count()
     records: list[Record] = []
-    measured: list[Record] = []  # requests mode: the first N sent after warm-up
-    budget = [spec.requests or 0]
+    windows = Windows(measure_from, spec, "pairs_per_s")
+
+    async def client() -> None:
+        while not windows.done:
+            rec = await _timed(send, next(counter), time.perf_counter())
+            records.append(rec)
+            if rec.end >= measure_from:
+                windows.add(rec)
+
+    async def time_limit() -> None:
+        await asyncio.sleep(max(0.0, measure_from + spec.time_limit_s - time.perf_counter()))
+        windows.expire(time.perf_counter())
+
+    limit = asyncio.create_task(time_limit())
+    try:
+        await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+    finally:
+        limit.cancel()
+    sink.extend(records)
+    stats = summarize(records, windows.edges)
+    stats["stability"] = {**stats["stability"], **windows.verdict()}
+    stats["load"] = {"mode": "closed", "concurrency": spec.concurrency, "warmup_s": spec.warmup_s,
+                     "duration_s": spec.duration_s, "measured_s": windows.edges[-1] - measure_from}
+    return stats
+
+
+async def _closed_loop_requests(send: Send, spec: LoadSpec, progress: Progress | None, sink: list[Record],
+                                measure_from: float) -> dict:
+    """Exactly `spec.requests` requests, the first sent after the warm-up, in even windows."""
+    assert spec.requests is not None
+    counter = itertools.count()
+    warmup: list[Record] = []
+    measured: list[Record] = []
+    budget = [spec.requests]
 
     async def client() -> None:
         while True:
             now = time.perf_counter()
-            counted = False
-            if spec.requests is not None:
-                if now >= measure_from:
-                    if budget[0] <= 0:
-                        return
-                    budget[0] -= 1
-                    counted = True
-            elif now >= stop_at:
-                return
+            counted = now >= measure_from
+            if counted:
+                if budget[0] <= 0:
+                    return
+                budget[0] -= 1
             rec = await _timed(send, next(counter), now)
-            (measured if counted else records).append(rec)
-            if counted and progress and spec.requests:
+            (measured if counted else warmup).append(rec)
+            if counted and progress:
                 progress(min(0.99, len(measured) / spec.requests))
 
     await asyncio.gather(*(client() for _ in range(spec.concurrency)))
-    sink.extend(records + measured)
-    if spec.requests is not None:
-        t0 = min(r.start for r in measured)
-        t1 = max(r.end for r in measured)
-        stats = summarize(measured, t0, t1, spec.windows)
-    else:
-        stats = summarize(records, measure_from, stop_at, spec.windows)
+    sink.extend(warmup + measured)
+    t0 = min(r.start for r in measured)
+    t1 = max(r.end for r in measured)
+    stats = summarize(measured, even_edges(t0, t1, spec.windows))
     stats["load"] = {"mode": "closed", "concurrency": spec.concurrency, "warmup_s": spec.warmup_s,
-                     "duration_s": spec.duration_s, "requests": spec.requests}
+                     "requests": spec.requests, "measured_s": t1 - t0}
     return stats
 
 
@@ -131,23 +239,35 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
     rng = np.random.Generator(np.random.PCG64(spec.seed))
     begin = time.perf_counter()
     measure_from = begin + spec.warmup_s
-    stop_at = measure_from + spec.duration_s
+    limit_at = measure_from + spec.time_limit_s
+    windows = Windows(measure_from, spec, "latency_p50_ms")
     tasks: list[asyncio.Task[Record]] = []
     stopped: list[BaseException] = []  # a StopLoad from any request ends the schedule
+
+    def finished(task: asyncio.Task[Record]) -> None:
+        if task.cancelled():
+            return
+        if isinstance(task.exception(), StopLoad):
+            stopped.append(task.exception())  # type: ignore[arg-type]
+        elif task.exception() is None and task.result().start >= measure_from:
+            windows.add(task.result())
+
     scheduled = begin
     for i in itertools.count():
-        if scheduled >= stop_at:
+        if scheduled >= limit_at:
+            windows.expire(limit_at)
+        if windows.done or stopped:
             break
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        if stopped:
-            break
+            if windows.done or stopped:
+                break
         task = asyncio.create_task(_timed(send, i, scheduled))
-        task.add_done_callback(lambda t: stopped.extend(
-            [t.exception()] if not t.cancelled() and isinstance(t.exception(), StopLoad) else []))
+        task.add_done_callback(finished)
         tasks.append(task)
         scheduled += float(rng.exponential(1.0 / spec.rate))
+    stop_at = max(windows.edges[-1], min(time.perf_counter(), limit_at))  # the schedule's end
     done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s) if tasks else (set(), set())
     for t in pending:
         t.cancel()
@@ -161,23 +281,32 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
         else:  # never answered: an error at the drain deadline, not a silent omission
             records.append(Record(now, now, 0, ok=False, error="no response before the drain timeout"))
     sink.extend(records)
-    # Every request *scheduled* in the window counts, however late it finished.
+    # Every request *scheduled* while measuring counts, however late it finished: the last
+    # window stretches to the last answer.
     in_window = [r for r in records if measure_from <= r.start < stop_at]
-    t1 = max([stop_at] + [r.end for r in in_window])
-    stats = summarize(in_window, measure_from, t1, spec.windows)
+    edges = [*windows.edges[:-1], max([stop_at] + [r.end for r in in_window])]
+    if len(edges) < 2:
+        edges.append(stop_at)
+    stats = summarize(in_window, edges)
+    stats["stability"] = {**stats["stability"], **windows.verdict()}
     stats["load"] = {
         "mode": "open", "target_rate": spec.rate,
-        "achieved_send_rate": len(in_window) / spec.duration_s,
-        "warmup_s": spec.warmup_s, "duration_s": spec.duration_s,
+        "achieved_send_rate": len(in_window) / max(stop_at - measure_from, 1e-9),
+        "warmup_s": spec.warmup_s, "duration_s": spec.duration_s, "measured_s": stop_at - measure_from,
     }
     return stats
 
 
 async def _tick(progress: Progress, spec: LoadSpec) -> None:
+    """Time-based progress: 90% at the least measuring time, the rest while it extends."""
     begin = time.perf_counter()
-    total = spec.warmup_s + spec.duration_s
+    least = spec.warmup_s + spec.duration_s
+    most = spec.warmup_s + spec.time_limit_s
     while True:
         elapsed = time.perf_counter() - begin
-        if spec.requests is None or elapsed < spec.warmup_s:
-            progress(min(0.99, elapsed / total))
+        if spec.requests is None:
+            extra = max(0.0, elapsed - least) / max(most - least, 1e-9)
+            progress(min(0.99, 0.9 * min(elapsed, least) / least + 0.09 * extra))
+        elif elapsed < spec.warmup_s:
+            progress(min(0.99, elapsed / least))
         await asyncio.sleep(0.2)

@@ -25,7 +25,7 @@ from xbench.core.tokenizer_pool import TokenizerPool
 from xbench.models import ResolvedModel, effective_max_length, resolve_model
 from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename, run_id,
                                   write_or_keep)
-from xbench.workload import Workload, length_profile
+from xbench.workload import Workload, char_profile, length_profile
 
 PRETOKENIZED_REQUESTS = 64  # distinct pre-tokenized requests infer-bench cycles over
 
@@ -132,7 +132,8 @@ def workload_lengths(tokenizers: TokenizerPool, workload: Workload, max_length: 
 def load_spec(cfg: DictConfig, concurrency: int) -> LoadSpec:
     e = cfg.experiment
     return LoadSpec(concurrency=concurrency, rate=e.rate, duration_s=e.duration_s, warmup_s=e.warmup_s,
-                    requests=e.requests, windows=e.windows, seed=e.seed)
+                    requests=e.requests, windows=e.windows, min_window_requests=e.min_requests_per_window,
+                    stability_pct=e.stability_pct, max_duration_s=e.max_duration_s, seed=e.seed)
 
 
 def grid(cfg: DictConfig) -> list[tuple[int, int]]:
@@ -201,6 +202,7 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
     check_writable(output_path(out, command, {}, len(points), run).parent)  # before anything is measured
     docs = []
     lengths = target.length_profile(workload) if hasattr(target, "length_profile") else None
+    chars = char_profile(workload) if lengths is None else None
     with progress_bar(console) as progress:
         for batch, concurrency, rate in points:
             load = f"rate {rate:g}/s" if rate else f"concurrency {concurrency}"
@@ -214,8 +216,8 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             params = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate,
                       "workload": workload.source}
             doc = result_document(command, cfg, target, params, stats)
-            if lengths is not None:
-                doc["workload"] = {"source": workload.source, "pair_tokens": lengths}
+            doc["workload"] = {"source": workload.source, **({"sha256": workload.sha256} if workload.sha256 else {}),
+                               **({"pair_tokens": lengths} if lengths is not None else {"pair_chars": chars})}
             if annotate:
                 annotate(doc)
             path = write_or_keep(output_path(out, command, doc["params"], len(points), run), doc)

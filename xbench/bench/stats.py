@@ -1,6 +1,6 @@
 """Statistics of one measured point: throughput, latency percentiles, stages, stability, and
-95% confidence intervals (pairs/s: Student t over the windows' rates; p50/p99: bootstrap over
-requests).
+95% confidence intervals (pairs/s: Student t over the measurement windows; p50/p99: bootstrap
+over requests).
 
 The one place where numbers are computed from raw request records, for every command.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
 STABILITY_WINDOWS = 3  # perf_analyzer's rule: the last 3 windows ...
-STABILITY_TOLERANCE = 0.10  # ... within 10% of their mean
+STABILITY_TOLERANCE = 0.10  # ... within 10% of their mean (experiment.stability_pct)
 
 
 @dataclass
@@ -48,14 +48,22 @@ def latency_summary(values_s: Sequence[float]) -> dict[str, float | None]:
     return out
 
 
-def window_rates(ends: Iterable[float], counts: Iterable[int], t0: float, t1: float, windows: int) -> list[float]:
-    """Throughput (count per second) in `windows` equal slices of [t0, t1], by completion time."""
-    width = (t1 - t0) / windows
-    totals = [0.0] * windows
+def even_edges(t0: float, t1: float, windows: int) -> list[float]:
+    """Boundaries of `windows` equal slices of [t0, t1]."""
+    return [t0 + (t1 - t0) * k / windows for k in range(windows + 1)]
+
+
+def window_rates(ends: Iterable[float], counts: Iterable[int], edges: Sequence[float]) -> list[float]:
+    """Throughput (count per second) in each window between consecutive `edges`, by completion
+    time; completions outside [edges[0], edges[-1]] are not counted."""
+    bounds = np.asarray(edges, dtype=np.float64)
+    totals = np.zeros(len(bounds) - 1)
     for end, n in zip(ends, counts):
-        k = min(int((end - t0) / width), windows - 1) if width > 0 else 0
-        totals[k] += n
-    return [t / width if width > 0 else 0.0 for t in totals]
+        k = int(np.searchsorted(bounds, end, side="right")) - 1
+        if 0 <= k < len(totals) or end == bounds[-1]:
+            totals[min(k, len(totals) - 1)] += n
+    widths = np.diff(bounds)
+    return [float(t / w) if w > 0 else 0.0 for t, w in zip(totals, widths)]
 
 
 CONFIDENCE = 0.95
@@ -63,15 +71,20 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_CELLS = 20_000_000  # resamples x requests: fewer resamples for very long runs
 
 
-def mean_interval(values: Sequence[float], level: float = CONFIDENCE) -> list[float] | None:
-    """Student-t interval of the mean of `values` (the windows' rates); None under 2 values."""
+def rate_interval(rates: Sequence[float], widths: Sequence[float], level: float = CONFIDENCE) -> list[float] | None:
+    """Student-t interval of the overall rate from windows of unequal width: the width-weighted
+    mean of the windows' rates (= total / time) with the ratio estimator's standard error.
+    None under 2 windows."""
     from scipy.stats import t
 
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
+    r, w = np.asarray(rates, dtype=np.float64), np.asarray(widths, dtype=np.float64)
+    n = len(r)
+    if n < 2 or w.sum() <= 0:
         return None
-    half = float(t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return [float(x.mean()) - half, float(x.mean()) + half]
+    mean = float((w * r).sum() / w.sum())
+    se = float(np.sqrt(n / (n - 1) * (w ** 2 * (r - mean) ** 2).sum()) / w.sum())
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * se
+    return [mean - half, mean + half]
 
 
 def percentile_interval(values_s: Sequence[float], q: float, level: float = CONFIDENCE,
@@ -88,23 +101,43 @@ def percentile_interval(values_s: Sequence[float], q: float, level: float = CONF
     return [float(lo), float(hi)]
 
 
-def is_stable(rates: Sequence[float]) -> bool:
-    last = list(rates)[-STABILITY_WINDOWS:]
-    if len(last) < STABILITY_WINDOWS:
-        return False
-    mean = sum(last) / len(last)
-    return mean > 0 and all(abs(r - mean) <= STABILITY_TOLERANCE * mean for r in last)
+def spread(values: Sequence[float]) -> float | None:
+    """Largest relative distance of the last STABILITY_WINDOWS values from their mean."""
+    last = np.asarray(list(values)[-STABILITY_WINDOWS:], dtype=np.float64)
+    if len(last) < STABILITY_WINDOWS or last.mean() <= 0:
+        return None
+    return float(np.abs(last - last.mean()).max() / last.mean())
 
 
-def summarize(records: Sequence[Record], t0: float, t1: float, windows: int = 5) -> dict:
-    """The summary, latency_ms, stages_ms and stability blocks of a result document,
-    from the records that completed inside the measurement interval [t0, t1]."""
+def is_stable(values: Sequence[float], tolerance: float = STABILITY_TOLERANCE) -> bool:
+    s = spread(values)
+    return s is not None and s <= tolerance
+
+
+def stability_block(values: Sequence[float], metric: str, tolerance: float = STABILITY_TOLERANCE, **extra) -> dict:
+    """The result document's verdict on the windows' `values` of `metric`."""
+    s = spread(values)
+    return {
+        "metric": metric,
+        "by_window": [float(v) for v in values],
+        "stable": s is not None and s <= tolerance,
+        "spread_pct": None if s is None else 100 * s,
+        "rule": f"last {STABILITY_WINDOWS} windows' {metric} within {tolerance:.0%} of their mean",
+        **extra,
+    }
+
+
+def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
+    """The summary, latency_ms, stages_ms, confidence and stability blocks of a result document,
+    from the records that completed inside the measurement interval [edges[0], edges[-1]],
+    whose windows lie between consecutive edges."""
+    t0, t1 = edges[0], edges[-1]
     measured = [r for r in records if t0 <= r.end <= t1]
     ok = [r for r in measured if r.ok]
     duration = max(t1 - t0, 1e-9)
     pairs = sum(r.pairs for r in ok)
     stage_names = sorted({k for r in ok for k in r.stages_s})
-    rates = window_rates([r.end for r in ok], [r.pairs for r in ok], t0, t1, windows)
+    rates = window_rates([r.end for r in ok], [r.pairs for r in ok], edges)
     statuses = Counter(str(r.status) for r in measured if r.status is not None)
     errors = Counter(r.error for r in measured if not r.ok and r.error)
     return {
@@ -121,16 +154,16 @@ def summarize(records: Sequence[Record], t0: float, t1: float, windows: int = 5)
         "stages_ms": {s: latency_summary([r.stages_s[s] for r in ok if s in r.stages_s]) for s in stage_names},
         "confidence": {
             "level": CONFIDENCE,
-            "pairs_per_s": mean_interval(rates),
-            "pairs_per_s_method": "Student t over the windows' rates",
+            "pairs_per_s": rate_interval(rates, np.diff(edges)),
+            "pairs_per_s_method": "Student t over the measurement windows (ratio estimator)",
             "latency_ms": {k: percentile_interval([r.latency_s for r in ok], PERCENTILES[k]) for k in ("p50", "p99")},
             "latency_method": "bootstrap over requests (percentile method)",
         },
         "stability": {
-            "windows": windows,
+            **stability_block(rates, "pairs_per_s"),
+            "windows": len(rates),
+            "window_s": [float(w) for w in np.diff(edges)],
             "pairs_per_s_by_window": rates,
-            "stable": is_stable(rates),
-            "rule": f"last {STABILITY_WINDOWS} windows within {STABILITY_TOLERANCE:.0%} of their mean",
         },
         **({"http_status": dict(statuses)} if statuses else {}),
         **({"error_samples": dict(errors.most_common(5))} if errors else {}),

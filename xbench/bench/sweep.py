@@ -177,7 +177,8 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
 
 def write_report(run_dir: Path, reference: bool = False) -> Path:
     """results.md in `run_dir` from the documents below it (for a study: its runs.json)."""
-    from xbench.results.report import environment_line, markdown_table, reference_table
+    from xbench.results.report import (context_section, convergence_section, environment_line, markdown_table,
+                                       reference_table)
 
     docs = sorted(read_results(run_dir), key=lambda d: d["_path"])
     env = next((d["env"] for d in docs if "env" in d), environment())
@@ -185,9 +186,7 @@ def write_report(run_dir: Path, reference: bool = False) -> Path:
              else docs[0].get("experiment", run_dir.parent.name) if docs else run_dir.parent.name)
     parts = [f"# {title}\n", f"Run `{run_dir.name}`, {time.strftime('%Y-%m-%d %H:%M')}.\n",
              f"**Machine:** {environment_line(env)}\n",
-             "Model: the embedded default unless the config says otherwise (seeded head: scores are not "
-             "relevance-trained; throughput and latency transfer to cross-encoder/ms-marco-MiniLM-L-6-v2).\n",
-             markdown_table(docs)]
+             markdown_table(docs), context_section(docs), convergence_section(docs)]
     if reference:
         parts += ["\n## Reference study (Apple M-series GPU, MPS fp16, batch 128, concurrency 16)\n", reference_table()]
     return write_text(run_dir / "results.md", "\n".join(parts))

@@ -1,11 +1,15 @@
-"""Tables in the reference study's columns, as rich (terminal) and markdown (reports). Pairs/s,
-P50 and P99 carry the half-width of their 95% confidence interval (bench/stats.py)."""
+"""Tables in the reference study's columns, as rich (terminal), markdown (reports) and flat rows
+(`xbench report --format csv|json`). Pairs/s, P50 and P99 carry the half-width of their 95%
+confidence interval (bench/stats.py); results.md also states each workload and model, and why
+a point did not converge."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from rich.table import Table
+
+from xbench.errors import ConfigError
 
 KIND = {
     "tokenize-bench": "Tokenizer only",
@@ -72,8 +76,124 @@ def row(doc: dict[str, Any]) -> list[str]:
         _with_interval(lat.get("p99"), ci_lat.get("p99"), _ms),
         _efficiency(doc),
         str(s.get("errors", 0)),
-        "yes" if doc.get("stability", {}).get("stable") else "NO",
+        _stable(doc.get("stability", {})),
     ]
+
+
+def _stable(st: dict[str, Any]) -> str:
+    if st.get("stable"):
+        return "yes"
+    return f"NO ({st['spread_pct']:.0f}%)" if st.get("spread_pct") is not None else "NO"
+
+
+def export_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per point: the table's columns as numbers, with the 95% interval bounds."""
+    rows = []
+    for d in docs:
+        p, s, lat = d.get("params", {}), d.get("summary", {}), d.get("latency_ms", {})
+        ci = d.get("confidence", {})
+        st, wl = d.get("stability", {}), d.get("workload", {})
+
+        def bounds(interval: list[float] | None) -> tuple[float | None, float | None]:
+            return (interval[0], interval[1]) if interval else (None, None)
+
+        pairs_lo, pairs_hi = bounds(ci.get("pairs_per_s"))
+        p50_lo, p50_hi = bounds(ci.get("latency_ms", {}).get("p50"))
+        p99_lo, p99_hi = bounds(ci.get("latency_ms", {}).get("p99"))
+        rows.append({
+            "configuration": configuration(d), "command": d.get("command"), "experiment": d.get("experiment"),
+            "model": d.get("model", {}).get("name"), "backend": p.get("backend"), "precision": p.get("precision"),
+            "device": p.get("device"), "batch": p.get("batch"), "concurrency": p.get("concurrency"),
+            "rate": p.get("rate"), "tokenizer_workers": p.get("tokenizer_workers"),
+            "model_workers": p.get("model_workers"), "parallelism": p.get("parallelism"),
+            "requests_per_s": s.get("requests_per_s"), "pairs_per_s": s.get("pairs_per_s"),
+            "pairs_per_s_ci_low": pairs_lo, "pairs_per_s_ci_high": pairs_hi,
+            "mean_ms": lat.get("mean"), "p50_ms": lat.get("p50"), "p50_ms_ci_low": p50_lo, "p50_ms_ci_high": p50_hi,
+            "p95_ms": lat.get("p95"), "p99_ms": lat.get("p99"), "p99_ms_ci_low": p99_lo, "p99_ms_ci_high": p99_hi,
+            "token_efficiency": d.get("padding", {}).get("efficiency"), "requests": s.get("requests"),
+            "errors": s.get("errors"), "stable": st.get("stable"), "spread_pct": st.get("spread_pct"),
+            "measured_s": d.get("load", {}).get("measured_s"), "workload": wl.get("source", p.get("workload")),
+            "workload_sha256": wl.get("sha256"), "error": d.get("error"), "file": d.get("_path"),
+        })
+    return rows
+
+
+EXPORT_FORMATS = ("md", "csv", "json")
+
+
+def export_text(docs: Sequence[dict[str, Any]], fmt: str) -> str:
+    """`xbench report`: the points as markdown, CSV or JSON."""
+    import csv
+    import io
+    import json
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "md":
+        return "\n".join([markdown_table(docs), context_section(docs), convergence_section(docs)])
+    rows = export_rows(docs)
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["configuration"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _lengths(profile: dict[str, Any], unit: str) -> str:
+    return (f"{profile['pairs']} pairs, {unit} per pair: mean {profile['mean']:.0f}, median {profile['p50']:.0f}, "
+            f"p90 {profile['p90']:.0f}, p99 {profile['p99']:.0f}, max {profile['max']}")
+
+
+def context_section(docs: Sequence[dict[str, Any]]) -> str:
+    """What was measured: each distinct workload (its source, file hash and length statistics) and
+    model, so two runs are never compared blind."""
+    workloads: dict[str, str] = {}
+    models: dict[str, str] = {}
+    for d in docs:
+        wl = d.get("workload") or {"source": d.get("params", {}).get("workload")}
+        line = f"`{wl.get('source')}`" + (f" (sha256 {wl['sha256'][:16]})" if wl.get("sha256") else "")
+        if wl.get("pair_tokens"):
+            line += f": {_lengths(wl['pair_tokens'], 'tokens')}"
+        elif wl.get("pair_chars"):
+            line += f": {_lengths(wl['pair_chars'], 'characters')}"
+        workloads.setdefault(str(wl.get("source")), line)
+        m = d.get("model") or {}
+        if m.get("name"):
+            facts = [m.get("source"), m.get("num_layers") and f"{m['num_layers']} layers",
+                     m.get("hidden_size") and f"hidden {m['hidden_size']}",
+                     {True: "relevance-trained", False: "seeded head, not relevance-trained"}.get(m.get("relevance_trained"))]
+            facts = [str(f) for f in facts if f]
+            models.setdefault(m["name"], f"`{m['name']}`" + (f" ({', '.join(facts)})" if facts else ""))
+    lines = ["## What was measured\n"]
+    lines += [f"- **Workload** {w}" for w in workloads.values()]
+    lines += [f"- **Model** {m}" for m in models.values()]
+    return "\n".join(lines) + "\n"
+
+
+def convergence_section(docs: Sequence[dict[str, Any]]) -> str:
+    """Why each unstable point did not converge, in the terms of the rule it was measured by."""
+    lines = []
+    for d in docs:
+        st = d.get("stability", {})
+        if d.get("error") or st.get("stable"):
+            continue
+        windows, spread = st.get("windows", 0), st.get("spread_pct")
+        seconds = d.get("load", {}).get("measured_s")
+        why = (f"its last 3 windows still differed by {spread:.0f}% ({st.get('metric', 'pairs/s')})"
+               if spread is not None else f"only {windows} window(s) closed")
+        p50 = d.get("latency_ms", {}).get("p50")
+        window_s = (st.get("window_s") or [None])[0]
+        if p50 and window_s and p50 / 1000 * 3 > window_s:
+            why += f"; one request takes {p50 / 1000:.1f} s, so few requests fit a window"
+        limit = st.get("time_limit_s")
+        when = f"after {seconds:.0f} s" if seconds else "at its time limit"
+        lines.append(f"- {configuration(d)}: stopped {when}" + (f" (limit {limit:.0f} s)" if limit else "")
+                     + f", {why}. Give it a longer `experiment.max_duration_s` or a larger `experiment.duration_s`.")
+    if not lines:
+        return ""
+    return "## Points that did not converge\n\n" + "\n".join(lines) + "\n"
 
 
 def render_table(docs: Sequence[dict[str, Any]], title: str | None = None) -> Table:

@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,mlx,baseline,ctranslate2
 
-.PHONY: install demo study test test-slow bench clean
+INFINITY_VENV ?= .venv-infinity
+
+.PHONY: install infinity demo study test test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -16,13 +18,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# Infinity, a peer rerank server, for the `xbench load --api infinity` integration test
+# (tests/test_infinity.py). Its own virtualenv: its pins differ from ours.
+infinity: $(INFINITY_VENV)/.installed
+
+$(INFINITY_VENV)/.installed:
+	test -x $(INFINITY_VENV)/bin/python || python3 -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install -q --upgrade pip
+	$(INFINITY_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(INFINITY_VENV)/bin/pip install -q "infinity-emb[server,torch]==0.0.78"
+	touch $@
+
 # A short sweep over tokenizer, model and pipeline on the embedded default model,
 # ending in a results table (results/demo/RUN/results.md) and charts (plots/index.html).
 demo: install
 	$(VENV)/bin/xbench sweep demo --new
 	$(VENV)/bin/xbench plot "$$(ls -d results/demo/*/ | tail -n 1)" -o plots
 
-# The whole reference study on this machine (about 15 minutes on 2 cores).
+# The whole reference study on this machine (about 25 minutes on 2 cores: every point runs until it converges).
 study: install
 	$(VENV)/bin/xbench sweep --all
 	$(VENV)/bin/xbench plot "$$(ls -d results/study/*/ | tail -n 1)" -o plots
@@ -43,4 +56,4 @@ bench: install
 	$(PY) benchmarks/serve_vs_inprocess.py
 
 clean:
-	rm -rf $(VENV) results plots outputs multirun
+	rm -rf $(VENV) $(INFINITY_VENV) results plots outputs multirun

@@ -250,7 +250,9 @@ def xbench_load(*args, timeout=120):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["PATH=/v9/rerank", "--api", "cohere"], "404 at /v9/rerank; "),  # no such route
+    # no such route: the hint names the routes that answer here (one tiny probe each)
+    (["PATH=/v9/rerank", "--api", "cohere"], "404 at /v9/rerank; /rerank and /v1/rerank and /v2/rerank answer here: "
+                                             "try http://127.0.0.1:PORT --api cohere or --api cohere-v2 or --api jina or --api tei"),
     (["--api", "infinity"], "422 at /rerank: the server refused the infinity body"),  # TEI's route wants texts
     (["--api", "tei", "NOKEY"], "401 at /rerank: the server wants a key; pass --api-key"),
     (["--api", "nope"], "--api 'nope' is not one of cohere, cohere-v2, jina, tei, infinity, vllm, vllm-score"),
@@ -261,9 +263,11 @@ def test_load_checks_the_endpoint_before_any_load(server, tmp_path, args, messag
     rest = [a for a in args if not a.startswith("PATH=") and a != "NOKEY"]
     before = metric(server, 'xbench_requests_total{route="/rerank",status="200"}')
     proc = xbench_load(url, *rest, *key, "-d", "5", "-o", str(tmp_path))
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    message = message.replace("PORT", server.url.rsplit(":", 1)[1])
+    assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.glob("*.json"))  # nothing measured
-    assert metric(server, 'xbench_requests_total{route="/rerank",status="200"}') == before
+    probes = 1 if "answer here" in message else 0
+    assert metric(server, 'xbench_requests_total{route="/rerank",status="200"}') == before + probes
 
 
 def test_load_stops_when_every_request_is_refused_as_wrong(server, tmp_path):

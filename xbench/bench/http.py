@@ -154,7 +154,12 @@ class HttpTarget:
         if r.status_code in (401, 403):
             raise ConfigError(f"{r.status_code} at {path}: the server wants a key; pass --api-key (or XBENCH_API_KEY)")
         if r.status_code in (404, 405):
-            raise ConfigError(f"{r.status_code} at {path}; {_others_at(path, self.api.name)}")
+            answered = await self._answering_apis(documents)
+            paths = sorted({a.path for a in answered})
+            hint = (f"{' and '.join(paths)} answer{'s' if len(paths) == 1 else ''} here: try "
+                    f"{self._base()} --api {' or --api '.join(a.name for a in answered)}" if answered
+                    else _others_at(path, self.api.name))
+            raise ConfigError(f"{r.status_code} at {path}; {hint}")
         if r.status_code in WRONG_REQUEST:
             hint = "" if self.model else "; some servers need --model NAME"
             raise ConfigError(f"{r.status_code} at {path}: the server refused the {self.api.name} body: "
@@ -167,6 +172,24 @@ class HttpTarget:
             if not self.api.answer_ok(body, len(documents)):
                 raise ConfigError(f"200 at {path}, but the answer is not the {self.api.name} shape: {r.text[:160]}; "
                                   f"is it another API? (--api {', '.join(CLIENT_APIS)})")
+
+    def _base(self) -> str:
+        return self.url[: len(self.url) - len(urlparse(self.url).path)]
+
+    async def _answering_apis(self, documents: list[str]) -> list[ClientApi]:
+        """The other APIs whose path on this server answers their body in their shape."""
+        assert self.client is not None
+        found = []
+        for api in CLIENT_APIS.values():
+            if api.path == urlparse(self.url).path:
+                continue
+            try:
+                r = await self.client.post(self._base() + api.path, json=api.body("capital of france", documents, self.model))
+                if r.status_code == 200 and api.answer_ok(r.json(), len(documents)):
+                    found.append(api)
+            except (httpx.HTTPError, ValueError):
+                continue
+        return found
 
     def sender(self, workload: Workload, batch: int) -> Send:
         async def send(i: int) -> Sent:

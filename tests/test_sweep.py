@@ -130,7 +130,7 @@ def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, t
     slow = next(r for k, r in rows.items() if "b4 " in k)
     same = next(r for k, r in rows.items() if "b8 " in k)
     assert slow["pairs_ratio"] == pytest.approx(0.5) and slow["regression"]
-    assert same["pairs_ratio"] == pytest.approx(1.02) and not same["regression"] and not same["inconclusive"]
+    assert same["pairs_ratio"] == pytest.approx(1.02) and not same["regression"] and same["inconclusive"]
     proc = xbench("compare", str(a), str(b), "--fail-on-regression", cwd=cwd)
     assert proc.returncode == 1 and "regression" in proc.stdout
     # Past the threshold but with intervals that overlap: not a regression, and said to be inconclusive.
@@ -201,6 +201,8 @@ def test_compare_does_not_flag_the_same_config_measured_twice(tmp_path, tiny_ove
         assert proc.returncode == 0, proc.stderr
     (row,) = compare(tmp_path / "a", tmp_path / "b", threshold=0.15)
     assert not row["regression"] and not row["improvement"]
+    proc = xbench("compare", str(tmp_path / "a"), str(tmp_path / "b"), cwd=tmp_path)
+    assert proc.returncode == 0 and ("inconclusive" in proc.stdout) == row["inconclusive"]
 
 
 def test_an_unconverged_point_is_explained():

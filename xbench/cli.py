@@ -117,16 +117,34 @@ def serve_command(
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (server.host; default 127.0.0.1, loopback only)."),
     port: Optional[int] = typer.Option(None, "--port", "-p", help="TCP port (server.port; default 8080)."),
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Experiment in conf/experiment/ to start from."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Serve as replicas on Ray Serve: a cluster address (auto, ray://head:10001) or `local` to start one here."),
+    replicas: int = typer.Option(1, "--replicas", help="With --ray: replicas, each with its own pipeline (the minimum when --max-replicas autoscales)."),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="With --ray: autoscale between --replicas and this on ongoing requests."),
+    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", help="With --ray: CPUs each replica claims (and its model threads)."),
+    targets_file: Optional[Path] = typer.Option(None, "--targets-file", help="With --ray: keep a Prometheus file_sd list of the replicas' metrics endpoints here."),
 ) -> None:
     """Serve the configured model(s) over the Cohere v1/v2 and TEI rerank APIs, with /health, /info, /metrics."""
     from xbench.config import compose_config
-    from xbench.serve.app import serve
+    from xbench.errors import ConfigError
 
     extra = ([f"server.host={host}"] if host else []) + ([f"server.port={port}"] if port is not None else [])
     cfg = compose_config([*(overrides or []), *extra], experiment=experiment)
     names = ", ".join(i.name for i in cfg.model_pool.instances)
-    err_console.print(f"xbench serve: http://{cfg.server.host}:{cfg.server.port} (loading {names}; /health is 503 until ready)")
-    serve(cfg)
+    if ray_address is None:
+        if replicas != 1 or max_replicas or targets_file:
+            raise ConfigError("--replicas, --max-replicas and --targets-file need --ray ADDRESS (or --ray local)")
+        from xbench.serve.app import serve
+
+        err_console.print(f"xbench serve: http://{cfg.server.host}:{cfg.server.port} (loading {names}; /health is 503 until ready)")
+        serve(cfg)
+        return
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
+        raise ConfigError(f"--replicas {replicas} / --max-replicas {max_replicas}: need 1 <= replicas <= max-replicas")
+    from xbench.serve.ray_serve import serve_on_ray
+
+    err_console.print(f"xbench serve on Ray ({ray_address}): http://{cfg.server.host}:{cfg.server.port}, "
+                      f"{replicas}{f'-{max_replicas}' if max_replicas else ''} replicas of {names}")
+    serve_on_ray(cfg, ray_address, replicas, max_replicas, cpus_per_replica=cpus_per_replica, targets_file=targets_file)
 
 
 @app.command("load")
@@ -146,6 +164,8 @@ def load_command(
     warmup: Optional[float] = typer.Option(None, "--warmup", help="Seconds of load before measuring."),
     requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Measure exactly this many requests."),
     slo: Optional[str] = typer.Option(None, "--slo", help="Find the highest rate meeting a bound, e.g. p99_ms=500."),
+    generators: int = typer.Option(1, "--generators", help="Generator processes sharing the load (concurrency or rate split between them), merged into one result."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Run the --generators as Ray actors on this cluster (e.g. auto, ray://head:10001) instead of local processes."),
 ) -> None:
     """Drive any rerank HTTP endpoint (xbench serve, TEI, Infinity, vLLM, ...) with the same load generator."""
     from xbench.bench.http import HttpTarget
@@ -160,12 +180,20 @@ def load_command(
         raise ConfigError(f"URL {url!r} must start with http:// or https://")
     cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests)])
     workload = make_workload(data, cfg)
-    target = HttpTarget(url, api, model=model, api_key=api_key)
+    target: Any = HttpTarget(url, api, model=model, api_key=api_key)
+    if generators < 1:
+        raise ConfigError(f"--generators {generators}: must be at least 1")
+    if ray_address and generators == 1:
+        raise ConfigError("--ray runs several generators: give --generators N (N > 1)")
+    if generators > 1:
+        from xbench.bench.generators import GeneratorFleet
+
+        target = GeneratorFleet(target, generators, ray_address)
     if slo:
         docs, search = slo_search("load", cfg, target, workload, int(cfg.experiment.batch_sizes[0]), slo, out, err_console)
     else:
         docs = run_points("load", cfg, target, workload, [(b, c, cfg.experiment.rate) for b, c in grid(cfg)], out, err_console)
-    console.print(render_table(docs, title=f"load: {target.url} ({api})"))
+    console.print(render_table(docs, title=f"load: {target.url} ({api})" + (f", {generators} generators" if generators > 1 else "")))
     for d in docs:
         if d.get("http_status"):
             console.print(f"[dim]{d['_path']}: HTTP status counts {d['http_status']}[/]")

@@ -80,6 +80,7 @@ def _version(module: str) -> str | None:
 def machine() -> dict[str, Any]:
     """CPU, cores, matrix extensions, GPU, OS, Python and library versions."""
     return {
+        "host": platform.node(),
         "cpu": cpu_name(),
         "cores": usable_cores(),
         "cpu_features": cpu_features(),

@@ -151,25 +151,31 @@ async def _timed(send: Send, i: int, start: float) -> Record:
 
 
 async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None,
-                   records: list[Record] | None = None) -> dict:
+                   records: list[Record] | None = None, measured: list[Record] | None = None) -> dict:
     """Run the load and return the statistics blocks of a result document plus a `load` block;
-    every request's record is appended to `records` when given."""
+    every request's record is appended to `records` when given, and the ones the statistics
+    count (the measured interval's) to `measured`."""
     ticker = asyncio.create_task(_tick(progress, spec)) if progress else None
     sink: list[Record] = [] if records is None else records
     try:
         if spec.rate:
-            out = await _open_loop(send, spec, sink)
+            out, counted = await _open_loop(send, spec, sink)
         else:
-            out = await _closed_loop(send, spec, progress, sink)
+            out, counted = await _closed_loop(send, spec, progress, sink)
     finally:
         if ticker:
             ticker.cancel()
     if progress:
         progress(1.0)
+    if measured is not None:
+        measured.extend(counted)
     return out
 
 
-async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, sink: list[Record]) -> dict:
+Counted = tuple[dict, list[Record]]  # the statistics, and the records they count
+
+
+async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, sink: list[Record]) -> Counted:
     begin = time.perf_counter()
     measure_from = begin + spec.warmup_s
     if spec.requests is not None:
@@ -199,11 +205,11 @@ async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, si
     stats["stability"] = {**stats["stability"], **windows.verdict()}
     stats["load"] = {"mode": "closed", "concurrency": spec.concurrency, "warmup_s": spec.warmup_s,
                      "duration_s": spec.duration_s, "measured_s": windows.edges[-1] - measure_from}
-    return stats
+    return stats, [r for r in records if measure_from <= r.end <= windows.edges[-1]]
 
 
 async def _closed_loop_requests(send: Send, spec: LoadSpec, progress: Progress | None, sink: list[Record],
-                                measure_from: float) -> dict:
+                                measure_from: float) -> Counted:
     """Exactly `spec.requests` requests, the first sent after the warm-up, in even windows."""
     assert spec.requests is not None
     counter = itertools.count()
@@ -231,10 +237,10 @@ async def _closed_loop_requests(send: Send, spec: LoadSpec, progress: Progress |
     stats = summarize(measured, even_edges(t0, t1, spec.windows))
     stats["load"] = {"mode": "closed", "concurrency": spec.concurrency, "warmup_s": spec.warmup_s,
                      "requests": spec.requests, "measured_s": t1 - t0}
-    return stats
+    return stats, measured
 
 
-async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
+async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
     assert spec.rate
     rng = np.random.Generator(np.random.PCG64(spec.seed))
     begin = time.perf_counter()
@@ -294,7 +300,7 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> dict:
         "achieved_send_rate": len(in_window) / max(stop_at - measure_from, 1e-9),
         "warmup_s": spec.warmup_s, "duration_s": spec.duration_s, "measured_s": stop_at - measure_from,
     }
-    return stats
+    return stats, in_window
 
 
 async def _tick(progress: Progress, spec: LoadSpec) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -183,7 +184,10 @@ def output_path(out: Path | None, command: str, params: dict, points: int, run: 
 
 async def measure(target: Any, workload: Workload, batch: int, spec: LoadSpec,
                   progress: Callable[[float], None] | None = None) -> dict:
-    """One point: the target's send under the load generator (opening its session, if any)."""
+    """One point: the target's send under the load generator (opening its session, if any), or
+    a target that runs several generators and merges them."""
+    if hasattr(target, "generate"):
+        return await target.generate(workload, batch, spec, progress)
     if hasattr(target, "open"):
         await target.open()
     try:
@@ -195,11 +199,12 @@ async def measure(target: Any, workload: Workload, batch: int, spec: LoadSpec,
 
 def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
                points: list[tuple[int, int, float | None]], out: Path | None, console: Console,
-               annotate: Callable[[dict], None] | None = None) -> list[dict]:
+               annotate: Callable[[dict], None] | None = None, write: bool = True) -> list[dict]:
     """Measure (batch, concurrency, rate) points against a ready target; write one document each
-    (after `annotate` has added what the caller concludes from it)."""
+    (after `annotate` has added what the caller concludes from it), unless `write` is off."""
     run = run_id()
-    check_writable(output_path(out, command, {}, len(points), run).parent)  # before anything is measured
+    if write:
+        check_writable(output_path(out, command, {}, len(points), run).parent)  # before anything is measured
     docs = []
     lengths = target.length_profile(workload) if hasattr(target, "length_profile") else None
     chars = char_profile(workload) if lengths is None else None
@@ -210,7 +215,9 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             spec = load_spec(cfg, concurrency)
             spec.rate = rate
             before = target.token_counts() if hasattr(target, "token_counts") else None
+            started = time.time()
             stats = asyncio.run(measure(target, workload, batch, spec, lambda f, t=task: progress.update(t, completed=f)))
+            stats["load"].update(started_at=started, ended_at=time.time())  # wall clock: points from many nodes line up
             if before is not None:  # warm-up included: the same pairs' mix, so the same ratio
                 stats["padding"] = target.token_counts().since(before)
             params = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate,
@@ -220,20 +227,20 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
                                **({"pair_tokens": lengths} if lengths is not None else {"pair_chars": chars})}
             if annotate:
                 annotate(doc)
-            path = write_or_keep(output_path(out, command, doc["params"], len(points), run), doc)
-            doc["_path"] = str(path)
+            if write:
+                doc["_path"] = str(write_or_keep(output_path(out, command, doc["params"], len(points), run), doc))
             docs.append(doc)
     return docs
 
 
 def run_bench(command: str, cfg: DictConfig, workload: Workload, out: Path | None = None,
-              console: Console | None = None, target: Any = None) -> list[dict]:
+              console: Console | None = None, target: Any = None, write: bool = True) -> list[dict]:
     console = console or Console(stderr=True)
     if target is None:
         with console.status(f"[bold]{command}[/]: loading {cfg.model_pool.instances[0].name} ..."):
             target = TARGETS[command](cfg)
     points = [(b, c, cfg.experiment.rate) for b, c in grid(cfg)]
     try:
-        return run_points(command, cfg, target, workload, points, out, console)
+        return run_points(command, cfg, target, workload, points, out, console, write=write)
     finally:
         target.close()

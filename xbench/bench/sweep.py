@@ -17,7 +17,9 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from xbench.config import compose_config, conf_dir, experiment_names, to_dict, validate
 from xbench.errors import XbenchError
 from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename,
-                                  read_results, run_id, write_json, write_text)
+                                  read_results, run_id, write_or_keep, write_text)
 
 def config_key(cfg: DictConfig) -> str:
     """A short hash of everything that defines a point (the composed config but the sweep's own
@@ -72,46 +74,81 @@ def _existing(run_dir: Path, key: str) -> Path | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="config")
-def sweep_job(cfg: DictConfig) -> None:
-    """One point of the grid (a Hydra job). Its run folder and flags come in its own config
-    (`sweep.*`), so launchers that run jobs in other processes or on other machines get them too."""
-    from rich.console import Console
+@dataclass
+class Point:
+    """One job of the grid: its config (without `hydra`), what to call it, and where its result goes."""
 
-    from xbench.bench.runners import run_bench
-    from xbench.workload import make_workload
+    cfg: DictConfig
+    label: str
+    key: str
+    out: Path
+    params: dict[str, Any]
 
-    console = Console(stderr=True)
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])  # type: ignore[assignment]
-    sweep = cfg.sweep
-    run_dir = Path(sweep.run_dir)
-    key = config_key(cfg)
+    def measured(self) -> Path | None:
+        """The result file of an earlier run of this point, unless --force."""
+        return None if self.cfg.sweep.force else _existing(self.out.parent, self.key)
+
+
+def plan_point(job_cfg: DictConfig) -> Point:
+    cfg: DictConfig = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg.keys() if k != "hydra"])  # type: ignore
     e = cfg.experiment
     label = f"{e.command} batch {e.batch_sizes[0]} c{e.concurrency_levels[0]} " + " ".join(
         f"{k}={OmegaConf.select(cfg, k)}" for k in (e.grid or {}))
-    from hydra.core.hydra_config import HydraConfig
-
-    number = HydraConfig.get().job.num + 1  # this point's place in the grid, whatever is on disk
-    console.print(f"[bold]point {number}/{sweep.points or '?'}[/] {label}")
-    if not sweep.force and (found := _existing(run_dir, key)):
-        console.print(f"  [dim]already measured: {found.name} (--force re-measures)[/]")
-        return
     params = {"batch": e.batch_sizes[0], "concurrency": e.concurrency_levels[0],
               "tokenizer_workers": cfg.tokenizer_pool.workers, "model_workers": cfg.model_pool.workers,
               "parallelism": cfg.tokenizer_pool.parallelism, "backend": cfg.model_pool.instances[0].backend,
               "precision": cfg.model_pool.instances[0].quantization}
+    key = config_key(cfg)
     stem = point_filename(params).removesuffix(".json")
-    out = run_dir / f"{e.command}-{stem}-{key}.json"
+    return Point(cfg, label, key, Path(cfg.sweep.run_dir) / f"{e.command}-{stem}-{key}.json", params)
+
+
+def measure_point(point: Point, console: Any) -> dict:
+    """Measure one point and return its document; a failure is a document with its error. Writes
+    nothing: the caller (a local job, or a remote launcher's driver) writes it."""
+    from xbench.bench.runners import run_bench
+    from xbench.workload import make_workload
+
+    cfg, e = point.cfg, point.cfg.experiment
     try:
         validate(cfg)
-        workload = make_workload(sweep.data, cfg)
-        run_bench(e.command, cfg, workload, out=out, console=console)
+        workload = make_workload(cfg.sweep.data, cfg)
+        return run_bench(e.command, cfg, workload, console=console, write=False)[0]
     except (Exception, SystemExit) as exc:  # a failed point is a result; the sweep goes on
-        msg = f"{type(exc).__name__}: {exc}"
-        console.print(f"  [red]failed:[/] {msg}")
-        write_json(out, {"schema_version": SCHEMA_VERSION, "command": e.command, "experiment": cfg.name,
-                         "config": to_dict(cfg), "env": environment(), "model": {"name": cfg.model_pool.instances[0].name},
-                         "params": params, "error": msg[:500]})
+        return failed_document(point, f"{type(exc).__name__}: {exc}")
+
+
+def failed_document(point: Point, message: str) -> dict:
+    cfg = point.cfg
+    return {"schema_version": SCHEMA_VERSION, "command": cfg.experiment.command, "experiment": cfg.name,
+            "config": to_dict(cfg), "env": environment(), "model": {"name": cfg.model_pool.instances[0].name},
+            "params": point.params, "error": message[:500]}
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="config")
+def sweep_job(job_cfg: DictConfig) -> None:
+    """One point of the grid (a Hydra job) measured in this process. Its run folder and flags come
+    in its own config (`sweep.*`); the Ray launcher (hydra_plugins/xbench_ray_launcher) instead
+    plans here, measures on a cluster node and writes on the driver."""
+    from hydra.core.hydra_config import HydraConfig
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    point = plan_point(job_cfg)
+    number = HydraConfig.get().job.num + 1  # this point's place in the grid, whatever is on disk
+    console.print(f"[bold]point {number}/{point.cfg.sweep.points or '?'}[/] {point.label}")
+    if found := point.measured():
+        console.print(f"  [dim]already measured: {found.name} (--force re-measures)[/]")
+        return
+    doc = measure_point(point, console)
+    if doc.get("error"):
+        console.print(f"  [red]failed:[/] {doc['error']}")
+    write_point(point, doc)
+
+
+def write_point(point: Point, doc: dict) -> Path:
+    doc.pop("_path", None)
+    return write_or_keep(point.out, doc)
 
 
 def latest_run(name: str) -> Path | None:

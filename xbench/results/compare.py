@@ -1,5 +1,7 @@
 """`xbench compare A B`: matching points of two runs, their ratios, flagged past the noise: a
-ratio past the threshold counts only when the two 95% confidence intervals do not overlap."""
+ratio past the threshold counts only when the two 95% confidence intervals do not overlap.
+A point is "inconclusive" when its intervals overlap (the two runs cannot be told apart), and
+"below the threshold" when they are apart but the change is smaller than the threshold floor."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _apart(a: list[float] | None, b: list[float] | None) -> bool:
 
 def compare(a: Path, b: Path, threshold: float) -> list[dict]:
     """A change is flagged when its ratio passes the threshold AND the two points' confidence
-    intervals do not overlap; past the threshold with overlapping intervals it is inconclusive."""
+    intervals do not overlap; with overlapping intervals it is inconclusive."""
     base, cand = _load(Path(a)), _load(Path(b))
     rows = []
     for key in sorted(set(base) & set(cand), key=str):
@@ -53,9 +55,11 @@ def compare(a: Path, b: Path, threshold: float) -> list[dict]:
             "a_p99_ms": la, "b_p99_ms": lb, "p99_ratio": p99,
             "regression": (worse[0] and speed_apart) or (worse[1] and p99_apart),
             "improvement": (better[0] and speed_apart) or (better[1] and p99_apart),
-            "inconclusive": (any(worse) or any(better)) and not ((worse[0] or better[0]) and speed_apart)
-            and not ((worse[1] or better[1]) and p99_apart),
         })
+        flagged = rows[-1]["regression"] or rows[-1]["improvement"]
+        # Not flagged: either the intervals overlap (the runs cannot be told apart), or they are
+        # apart but the change is under the threshold floor.
+        rows[-1]["inconclusive"] = not flagged and not (speed_apart and p99_apart)
     if not rows:
         raise DataError(f"no point of {a} matches a point of {b} (same command, backend, precision, batch, load, workers)")
     return rows
@@ -67,7 +71,8 @@ def render(rows: list[dict], a: Path, b: Path, threshold: float) -> Table:
         t.add_column(col, justify="left" if col in ("point", "verdict") else "right")
     for r in rows:
         verdict = ("[red]regression[/]" if r["regression"] else "[green]improvement[/]" if r["improvement"]
-                   else "[yellow]inconclusive[/] (intervals overlap)" if r["inconclusive"] else "within noise")
+                   else "[yellow]inconclusive[/] (intervals overlap)" if r["inconclusive"]
+                   else f"below the ±{threshold:.0%} threshold")
         t.add_row(r["point"], f"{r['a_pairs_per_s']:.1f}", f"{r['b_pairs_per_s']:.1f}", f"{r['pairs_ratio']:.2f}",
                   f"{r['a_p99_ms'] or 0:.0f}ms", f"{r['b_p99_ms'] or 0:.0f}ms", f"{r['p99_ratio']:.2f}", verdict)
     return t

@@ -5,6 +5,7 @@ a point did not converge."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 from rich.table import Table
@@ -166,9 +167,16 @@ def context_section(docs: Sequence[dict[str, Any]]) -> str:
                      {True: "relevance-trained", False: "seeded head, not relevance-trained"}.get(m.get("relevance_trained"))]
             facts = [str(f) for f in facts if f]
             models.setdefault(m["name"], f"`{m['name']}`" + (f" ({', '.join(facts)})" if facts else ""))
+    machines = Counter(f"{e.get('host') or '?'} ({e.get('cpu')}, {e.get('gpu') or 'no GPU'})"
+                       for e in (d.get("env") for d in docs) if e)
     lines = ["## What was measured\n"]
     lines += [f"- **Workload** {w}" for w in workloads.values()]
     lines += [f"- **Model** {m}" for m in models.values()]
+    if len({m.split(" (", 1)[1] for m in machines}) > 1:
+        lines.append("- **Warning: the points were measured on machines that differ**, so rows are not comparable "
+                     "across them: " + "; ".join(f"{m}: {n} point(s)" for m, n in machines.items()))
+    elif len(machines) > 1:
+        lines.append(f"- **Machines** {len(machines)} of the same kind: " + ", ".join(m.split(" (")[0] for m in machines))
     return "\n".join(lines) + "\n"
 
 

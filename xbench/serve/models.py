@@ -27,9 +27,15 @@ class Models:
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
         self.ready = False
+        self._loading = False
         self.load_error: str | None = None
 
     def load(self) -> None:
+        """Load every configured pipeline, once (a Ray Serve replica loads before its lifespan runs)."""
+        with self._lock:
+            if self._loading:
+                return
+            self._loading = True
         try:
             for i, inst in enumerate(self.cfg.model_pool.instances):
                 pipe = Pipeline.from_config(self.cfg, i, observe_batch=self._observe_batch).start()

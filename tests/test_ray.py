@@ -1,0 +1,169 @@
+"""Beyond one machine, on a real Ray cluster started on 127.0.0.1: a sweep whose points the
+driver writes, replicated serving on Ray Serve, and load generators as Ray actors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (.ci/run installs it)")
+
+from test_pipeline import reference_logits  # noqa: E402
+from xbench.serve.process import free_port  # noqa: E402
+
+RAY = Path(sys.executable).with_name("ray")
+FAST = ["experiment.duration_s=0.6", "experiment.warmup_s=0.1"]
+DOCS = ["paris is the capital and largest city of france", "bananas are yellow", "the eiffel tower is in paris"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node Ray head with 2 CPUs that advertises one benchmark node."""
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="xray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    start = subprocess.run([str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2",
+                            '--resources={"xbench_node": 1}', "--node-ip-address=127.0.0.1",
+                            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                           capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def xbench(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "xbench", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_sweep_on_ray_is_written_by_the_driver_and_resumes(cluster, tmp_path, tiny_overrides):
+    args = ["sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",
+            "experiment.concurrency_levels=[1,2]", "--launcher", "ray", f"hydra.launcher.address='{cluster}'"]
+    proc = xbench(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = (tmp_path / "results" / "09_concurrency").iterdir()
+    docs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    assert len(docs) == 4 and all(not d.get("error") and d["summary"]["requests"] > 0 for d in docs)
+    assert (folder / "results.md").read_text().count("| Full pipeline") == 4
+    assert proc.stderr.count("measured on") == 4 and all(d["env"]["host"] for d in docs)
+    spans = sorted((d["load"]["started_at"], d["load"]["ended_at"]) for d in docs)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # one node: one at a time
+    again = xbench(*args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count("already measured") == 4
+    assert sorted(p.stat().st_mtime_ns for p in folder.glob("*.json")) == sorted(
+        p.stat().st_mtime_ns for p in folder.glob("*.json"))
+
+
+def test_a_cluster_without_benchmark_nodes_says_how_to_start_one(cluster, tmp_path, tiny_overrides):
+    proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4]",
+                  "experiment.concurrency_levels=[1]", "--launcher", "ray", f"hydra.launcher.address='{cluster}'",
+                  "hydra.launcher.node_resource=gpu_node", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "no node of the Ray cluster advertises the resource 'gpu_node'" in proc.stderr
+    assert """ray start ... --resources '{"gpu_node": 1}'""" in proc.stderr
+
+
+def test_submitit_local_launcher_runs_the_points(tmp_path, tiny_overrides):
+    proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",
+                  "experiment.concurrency_levels=[1]", "--launcher", "submitit_local", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = (tmp_path / "results" / "09_concurrency").iterdir()
+    assert len(list(folder.glob("*.json"))) == 2 and (folder / "results.md").is_file()
+
+
+def wait_for(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError, ValueError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def replica_counts(targets_file: Path) -> dict[str, float]:
+    """Rerank requests answered, per replica, from each replica's own metrics endpoint."""
+    counts = {}
+    for group in json.loads(targets_file.read_text()):
+        text = httpx.get(f"http://{group['targets'][0]}/metrics", timeout=5).text
+        counts[group["labels"]["replica"]] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                                 if line.startswith("xbench_requests_total{") and 'status="200"' in line)
+    return counts
+
+
+def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one(cluster, tmp_path, tiny_model):
+    port, targets = free_port(), tmp_path / "targets.json"
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "xbench", "serve", "--ray", cluster, "--replicas", "2",
+                             "--cpus-per-replica", "0.5", "--port", str(port), "--targets-file", str(targets),
+                             f"model_pool.instances.0.name={tiny_model}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 240, "Ray Serve to answer")
+        wait_for(lambda: len(json.loads(targets.read_text())) == 2, 60, "two replicas in the targets file")
+        expected = 1 / (1 + np.exp(-reference_logits(tiny_model, [("capital of france", d) for d in DOCS])))
+        for _ in range(50):
+            r = httpx.post(url + "/v1/rerank", json={"query": "capital of france", "documents": DOCS}, timeout=60)
+            assert r.status_code == 200, r.text
+            got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+            np.testing.assert_allclose([got[i] for i in range(3)], expected, atol=1e-4)
+        counts = replica_counts(targets)
+        assert len(counts) == 2 and sum(counts.values()) == 50 and all(c > 0 for c in counts.values()), counts
+        assert httpx.post(url + "/v1/rerank", json={"query": "q"}, timeout=30).status_code == 422  # errors as usual
+
+        ray.init(address=cluster, namespace="serve", log_to_driver=False)
+        from ray.util.state import list_actors
+
+        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "SERVE_REPLICA" in (a.name or "")]
+        assert len(replicas) == 2
+        victim = replicas[0].name
+        ray.kill(ray.get_actor(victim, namespace="serve"))
+        # Every request gets an answer (none hangs), and the killed replica is replaced.
+        statuses = [httpx.post(url + "/v1/rerank", json={"query": "q", "documents": DOCS}, timeout=60).status_code
+                    for _ in range(10)]
+        assert set(statuses) <= {200, 500, 503}, statuses
+
+        def replaced() -> bool:
+            alive = [a.name for a in list_actors(filters=[("state", "=", "ALIVE")]) if "SERVE_REPLICA" in (a.name or "")]
+            return len(alive) == 2 and victim not in alive
+
+        wait_for(replaced, 180, "a new replica")
+        wait_for(lambda: len(json.loads(targets.read_text())) == 2 and victim.split("#")[-1] not in targets.read_text(),
+                 60, "the targets file to list the new replica")
+        r = httpx.post(url + "/v1/rerank", json={"query": "capital of france", "documents": DOCS}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(120)
+        log.close()
+
+
+def test_load_generators_as_ray_actors(cluster, tmp_path, tiny_model):
+    from xbench.serve.process import start_server
+
+    server = start_server([f"model_pool.instances.0.name={tiny_model}", "model_pool.instances.0.max_length=64"])
+    try:
+        out = tmp_path / "ray-load.json"
+        proc = xbench("load", server.url, "--generators", "2", "--ray", cluster, "-b", "4", "-c", "2", "-d", "2",
+                      "--warmup", "0.5", "-o", str(out), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(out.read_text())
+        assert doc["params"]["launcher"] == "ray" and len(doc["generators"]) == 2
+        assert doc["summary"]["requests"] == sum(p["summary"]["requests"] for p in doc["generators"]) > 0
+    finally:
+        server.stop()

@@ -1,0 +1,155 @@
+"""`xbench serve --ray ADDRESS --replicas N`: the same Starlette app as replicas on Ray Serve.
+
+Each replica builds its own app (routes, auth, errors, metrics) with `create_app` and owns its
+pipeline; Ray Serve's proxy spreads requests over them (ASGI ingress) and replaces a replica that
+dies or fails its health check. A replica loads its model before it reports ready, so a new or
+replacement replica never answers "loading".
+
+Metrics stay per replica: each replica also serves its own registry on a port of its node and
+registers the address with a named actor; the driver keeps a Prometheus file_sd list of the live
+ones (`observability/targets/xbench-replicas.json`), so every replica is scraped as its own
+`instance` and the Grafana dashboard sums them. `/metrics` through the proxy answers with the
+metrics of whichever replica took the request.
+
+Plain `xbench serve` does not import this module, nor Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from omegaconf import DictConfig, OmegaConf
+
+from xbench.config import to_dict
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "xbench"
+REGISTRY_ACTOR = "xbench-metrics-targets"
+TARGETS_REFRESH_S = 5.0
+
+
+class MetricsTargets:
+    """A named actor: replica -> host:port of its metrics endpoint."""
+
+    def __init__(self) -> None:
+        self.targets: dict[str, str] = {}
+
+    def register(self, replica: str, address: str) -> None:
+        self.targets[replica] = address
+
+    def forget(self, replica: str) -> None:
+        self.targets.pop(replica, None)
+
+    def all(self) -> dict[str, str]:
+        return dict(self.targets)
+
+
+class Replica:
+    """One Ray Serve replica: the xbench app and its pipeline, loaded before it reports ready."""
+
+    def __init__(self, cfg: dict):
+        import ray
+        from prometheus_client import start_http_server
+        from ray import serve
+
+        from xbench.serve.app import create_app
+
+        self.app = create_app(OmegaConf.create(cfg))
+        self.service = self.app.state.service
+        self.service.models.load()  # before ready: the proxy never routes to a loading replica
+        if self.service.models.load_error:
+            raise RuntimeError(f"model failed to load: {self.service.models.load_error}")
+        self.metrics_server, _ = start_http_server(0, addr="0.0.0.0", registry=self.service.metrics.registry)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        address = f"{ray.util.get_node_ip_address()}:{self.metrics_server.server_port}"
+        ray.get_actor(REGISTRY_ACTOR).register.remote(self.replica_id, address)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.app
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose pipeline died is replaced."""
+        if not self.service.models.healthy():
+            raise RuntimeError("the pipeline is not healthy")
+
+    def __del__(self) -> None:
+        server = getattr(self, "metrics_server", None)
+        if server is not None:
+            server.shutdown()
+
+
+def deployment(cfg: DictConfig, replicas: int, max_replicas: int | None, target_ongoing: float,
+               cpus_per_replica: float) -> Any:
+    """The Serve application: Replica behind ASGI ingress, fixed or autoscaled."""
+    from ray import serve
+
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
+                                "target_ongoing_requests": target_ongoing}}
+        if max_replicas else {"num_replicas": replicas})
+    ingress = serve.ingress()(Replica)
+    return serve.deployment(ingress, name="xbench", ray_actor_options={"num_cpus": cpus_per_replica},
+                            health_check_period_s=2, health_check_timeout_s=30,
+                            max_ongoing_requests=int(cfg.server.max_concurrent_requests), **scaling).bind(to_dict(cfg))
+
+
+def live_targets(registry: Any) -> dict[str, str]:
+    """The registered metrics endpoints that still answer (a dead replica's is forgotten)."""
+    import ray
+
+    live = {}
+    for replica, address in ray.get(registry.all.remote()).items():
+        try:
+            httpx.get(f"http://{address}/metrics", timeout=2).raise_for_status()
+            live[replica] = address
+        except httpx.HTTPError:
+            registry.forget.remote(replica)
+    return live
+
+
+def write_targets(path: Path, targets: dict[str, str]) -> None:
+    """Prometheus file_sd: one target per replica, labelled with its replica id."""
+    from xbench.results.store import write_text
+
+    groups = [{"targets": [address], "labels": {"job": "xbench", "replica": replica}}
+              for replica, address in sorted(targets.items())]
+    write_text(path, json.dumps(groups, indent=2) + "\n")
+
+
+def serve_on_ray(cfg: DictConfig, address: str, replicas: int, max_replicas: int | None = None,
+                 target_ongoing: float = 4.0, cpus_per_replica: float = 1.0,
+                 targets_file: Path | None = None, stop: threading.Event | None = None) -> None:
+    """Run the replicas until SIGINT/SIGTERM (or `stop`), keeping the metrics targets file fresh."""
+    import ray
+    from ray import serve
+
+    if cfg.model_pool.threads_per_worker is None:  # a replica's share of its node, not the node
+        cfg = OmegaConf.merge(cfg, {"model_pool": {"threads_per_worker": max(1, int(cpus_per_replica))}})
+    ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+    registry = ray.remote(MetricsTargets).options(name=REGISTRY_ACTOR, get_if_exists=True, lifetime="detached",
+                                                  num_cpus=0).remote()
+    serve.start(http_options={"host": cfg.server.host, "port": int(cfg.server.port)})
+    serve.run(deployment(cfg, replicas, max_replicas, target_ongoing, cpus_per_replica), name=APP_NAME,
+              route_prefix="/")
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    log.warning("serving on Ray: http://%s:%s", cfg.server.host, cfg.server.port)
+    try:
+        while not stop.is_set():
+            if targets_file is not None:
+                write_targets(targets_file, live_targets(registry))
+            stop.wait(TARGETS_REFRESH_S)
+    finally:
+        serve.delete(APP_NAME)
+        ray.kill(registry)
+        time.sleep(0.5)

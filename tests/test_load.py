@@ -36,7 +36,7 @@ def test_disagreeing_windows_grow_and_the_time_limit_merges_the_open_one():
         for _ in range(10):
             t += every
             w.add(Record(t - every, t, 1))
-    assert len(w.values) == 3 and not w.done and w.need == 20
+    assert len(w.values) == 3 and not w.done and w.need == 20 and w.min_s == pytest.approx(0.2)
     for _ in range(5):  # 5 more, short of the 20 the next window needs
         t += 0.1
         w.add(Record(t - 0.1, t, 1))

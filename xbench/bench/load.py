@@ -72,8 +72,8 @@ class Windows:
     and holding `min_window_requests` finished requests. Once `windows` have closed, the point
     ends when the last three agree within `stability_pct` on `metric` (closed loop: pairs/s;
     open loop: median latency, since its throughput is the arrival process's). While they
-    disagree, each next window must hold twice the requests, so sampling noise shrinks as it
-    runs. At the time limit the open window is merged into the last closed one.
+    disagree, each next window must last twice as long and hold twice the requests, so noise
+    shrinks as it runs. At the time limit the open window is merged into the last closed one.
     """
 
     def __init__(self, start: float, spec: LoadSpec, metric: str):
@@ -105,8 +105,9 @@ class Windows:
             if len(self.values) >= self.spec.windows:
                 if (s := spread(self.values)) is not None and s <= self.spec.stability_pct / 100:
                     self.ended = "converged"
-                else:
+                else:  # longer windows average out both sampling noise and the machine's slow drifts
                     self.need *= 2
+                    self.min_s *= 2
 
     def _close(self, at: float) -> None:
         self.values.append(self.value(self.current, at - self.edges[-1]))
@@ -291,8 +292,6 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
     # window stretches to the last answer.
     in_window = [r for r in records if measure_from <= r.start < stop_at]
     edges = [*windows.edges[:-1], max([stop_at] + [r.end for r in in_window])]
-    if len(edges) < 2:
-        edges.append(stop_at)
     stats = summarize(in_window, edges)
     stats["stability"] = {**stats["stability"], **windows.verdict()}
     stats["load"] = {

@@ -32,7 +32,7 @@ from xbench.config import to_dict
 log = logging.getLogger(__name__)
 
 APP_NAME = "xbench"
-REGISTRY_ACTOR = "xbench-metrics-targets"
+REGISTRY_ACTOR, REGISTRY_NAMESPACE = "xbench-metrics-targets", "xbench"  # replicas live in Serve's namespace
 TARGETS_REFRESH_S = 5.0
 
 
@@ -67,10 +67,11 @@ class Replica:
         self.service.models.load()  # before ready: the proxy never routes to a loading replica
         if self.service.models.load_error:
             raise RuntimeError(f"model failed to load: {self.service.models.load_error}")
-        self.metrics_server, _ = start_http_server(0, addr="0.0.0.0", registry=self.service.metrics.registry)
+        node_ip = ray.util.get_node_ip_address()  # reachable by the cluster's Prometheus, not beyond the node's network
+        self.metrics_server, _ = start_http_server(0, addr=node_ip, registry=self.service.metrics.registry)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        address = f"{ray.util.get_node_ip_address()}:{self.metrics_server.server_port}"
-        ray.get_actor(REGISTRY_ACTOR).register.remote(self.replica_id, address)
+        registry = ray.get_actor(REGISTRY_ACTOR, namespace=REGISTRY_NAMESPACE)
+        ray.get(registry.register.remote(self.replica_id, f"{node_ip}:{self.metrics_server.server_port}"))
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.app
@@ -134,8 +135,8 @@ def serve_on_ray(cfg: DictConfig, address: str, replicas: int, max_replicas: int
     if cfg.model_pool.threads_per_worker is None:  # a replica's share of its node, not the node
         cfg = OmegaConf.merge(cfg, {"model_pool": {"threads_per_worker": max(1, int(cpus_per_replica))}})
     ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-    registry = ray.remote(MetricsTargets).options(name=REGISTRY_ACTOR, get_if_exists=True, lifetime="detached",
-                                                  num_cpus=0).remote()
+    registry = ray.remote(MetricsTargets).options(name=REGISTRY_ACTOR, namespace=REGISTRY_NAMESPACE,
+                                                  get_if_exists=True, lifetime="detached", num_cpus=0).remote()
     serve.start(http_options={"host": cfg.server.host, "port": int(cfg.server.port)})
     serve.run(deployment(cfg, replicas, max_replicas, target_ongoing, cpus_per_replica), name=APP_NAME,
               route_prefix="/")

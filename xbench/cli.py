@@ -213,7 +213,7 @@ def sweep_command(
     force: bool = typer.Option(False, "--force", help="Re-measure points that already have a result."),
     new: bool = typer.Option(False, "--new", help="Start a new run folder instead of resuming the latest one."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL workload for every point."),
-    launcher: Optional[str] = typer.Option(None, "--launcher", help="Hydra launcher plugin: basic (default, one point after another), joblib, submitit_slurm, ray."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="Hydra launcher plugin: basic (default, one point after another), joblib, ray (a Ray cluster, one point per node at a time; hydra.launcher.address=...), submitit_local, submitit_slurm."),
     list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
 ) -> None:
     """Run an experiment's grid (a Hydra multirun), write one JSON per point and results.md."""

@@ -5,7 +5,8 @@ overrides, so any Hydra launcher runs it: the default runs points one after anot
 points on one machine would disturb each other's timings); `hydra/launcher=joblib` runs them in
 worker processes; submitit (SLURM) or Ray spread them over identical machines.
 
-Each job writes its point's result document into the run folder, named by a hash of its
+Each job writes its point's result document into the run folder (on a Ray cluster the driver
+writes what the nodes return: hydra_plugins/xbench_ray_launcher), named by a hash of its
 composed config: re-running the sweep skips points already measured (`--force` re-measures),
 a failing point is written with its error and the sweep goes on, and an interrupted sweep
 leaves every finished point intact for the report.

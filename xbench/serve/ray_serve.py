@@ -28,6 +28,7 @@ import httpx
 from omegaconf import DictConfig, OmegaConf
 
 from xbench.config import to_dict
+from xbench.errors import XbenchError
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class Replica:
 
         from xbench.serve.app import create_app
 
-        self.app = create_app(OmegaConf.create(cfg))
-        self.service = self.app.state.service
+        self.xbench_app = create_app(OmegaConf.create(cfg))  # not `app`: Serve's wrapper owns that name
+        self.service = self.xbench_app.state.service
         self.service.models.load()  # before ready: the proxy never routes to a loading replica
         if self.service.models.load_error:
             raise RuntimeError(f"model failed to load: {self.service.models.load_error}")
@@ -74,7 +75,7 @@ class Replica:
         ray.get(registry.register.remote(self.replica_id, f"{node_ip}:{self.metrics_server.server_port}"))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self.app
+        return self.xbench_app
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose pipeline died is replaced."""
@@ -138,8 +139,13 @@ def serve_on_ray(cfg: DictConfig, address: str, replicas: int, max_replicas: int
     registry = ray.remote(MetricsTargets).options(name=REGISTRY_ACTOR, namespace=REGISTRY_NAMESPACE,
                                                   get_if_exists=True, lifetime="detached", num_cpus=0).remote()
     serve.start(http_options={"host": cfg.server.host, "port": int(cfg.server.port)})
-    serve.run(deployment(cfg, replicas, max_replicas, target_ongoing, cpus_per_replica), name=APP_NAME,
-              route_prefix="/")
+    try:
+        serve.run(deployment(cfg, replicas, max_replicas, target_ongoing, cpus_per_replica), name=APP_NAME,
+                  route_prefix="/")
+    except RuntimeError as exc:  # a replica failed to start: say so in one line, the cause is in its log
+        ray.kill(registry)
+        raise XbenchError(f"Ray Serve could not start the replicas: {str(exc).splitlines()[0]} "
+                          "(the replica's traceback is in the cluster's logs, logs/serve/)") from None
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

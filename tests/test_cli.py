@@ -59,7 +59,7 @@ def test_requests_mode_and_open_loop(tmp_path, tiny_overrides):
     assert json.loads(out.read_text())["summary"]["requests"] == 10
     out = tmp_path / "open.json"
     proc = xbench("pipeline-bench", "-b", "4", "--rate", "20", "-d", "1.5", "--warmup", "0.2", "-o", str(out),
-                  *tiny_overrides, cwd=tmp_path)
+                  "experiment.max_duration_s=1.5", *tiny_overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     assert doc["load"]["mode"] == "open" and doc["load"]["target_rate"] == 20

@@ -84,8 +84,8 @@ def test_at_low_load_two_generators_measure_what_one_does(server, tmp_path):
     docs = {}
     for n in (1, 2):
         out = tmp_path / f"g{n}.json"
-        proc = load(server.url, "--generators", str(n), "-b", "4", "--rate", "8", "-d", "4", "--warmup", "0.5",
-                    "experiment.max_duration_s=4", "-o", str(out))
+        proc = load(server.url, "--generators", str(n), "-b", "4", "--rate", "8", "-d", "3", "--warmup", "0.5",
+                    "experiment.max_duration_s=3", "-o", str(out))
         assert proc.returncode == 0, proc.stderr
         docs[n] = json.loads(out.read_text())
     one, two = docs[1], docs[2]

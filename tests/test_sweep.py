@@ -194,15 +194,19 @@ def test_report_exports_csv_json_and_markdown(two_point_sweep, tmp_path):
     assert empty.returncode == 2 and "no result documents" in empty.stderr
 
 
-def test_compare_does_not_flag_the_same_config_measured_twice(tmp_path, tiny_overrides):
+@pytest.mark.slow
+def test_compare_calls_the_same_config_measured_twice_inconclusive(tmp_path):
+    """The demo's pipeline point on the default model, twice back to back: the 95% intervals must
+    hold the run-to-run difference (on this 2-core VM pairs/s moves ~10% between runs and p99 up
+    to 40%, more than a bootstrap over one run's requests admits)."""
     for name in ("a", "b"):
-        proc = xbench("pipeline-bench", "-b", "4", "-c", "2", "-d", "1.5", "--warmup", "0.3",
-                      "-o", str(tmp_path / name), *tiny_overrides, cwd=tmp_path)
+        proc = xbench("pipeline-bench", "-b", "16", "-c", "4", "-d", "9", "experiment.windows=3", "--warmup", "2",
+                      "-o", str(tmp_path / name), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     (row,) = compare(tmp_path / "a", tmp_path / "b", threshold=0.15)
-    assert not row["regression"] and not row["improvement"]
+    assert row["inconclusive"] and not row["regression"] and not row["improvement"], row
     proc = xbench("compare", str(tmp_path / "a"), str(tmp_path / "b"), cwd=tmp_path)
-    assert proc.returncode == 0 and ("inconclusive" in proc.stdout) == row["inconclusive"]
+    assert proc.returncode == 0 and "inconclusive" in proc.stdout
 
 
 def test_an_unconverged_point_is_explained():

@@ -75,7 +75,7 @@ def histogram_summary(h: Any) -> dict[str, float | None]:
 
 
 def histogram_values_s(h: Any) -> np.ndarray:
-    """The recorded values (at the histogram's resolution), for a bootstrap interval."""
+    """The recorded values (at the histogram's resolution), for the percentile intervals."""
     steps = [(i.value_iterated_to, i.count_added_in_this_iter_step) for i in h.get_recorded_iterator()]
     if not steps:
         return np.zeros(0)
@@ -168,7 +168,7 @@ def merge(parts: list[dict], spec: LoadSpec) -> dict:
             "pairs_per_s": rate_interval(rates, [1.0] * len(rates)),
             "pairs_per_s_method": "Student t over the merged windows",
             "latency_ms": {k: percentile_interval(values, PERCENTILES[k]) for k in ("p50", "p99")},
-            "latency_method": "bootstrap over requests, from the merged HdrHistogram",
+            "latency_method": "order statistics (distribution-free, binomial), from the merged HdrHistogram",
         },
         "stability": {**stability_block(rates, "pairs_per_s"), "windows": len(rates), "pairs_per_s_by_window": rates,
                       "ended": "fixed duration (several generators)"},

@@ -1,6 +1,6 @@
 """Statistics of one measured point: throughput, latency percentiles, stages, stability, and
-95% confidence intervals (pairs/s: Student t over the measurement windows; p50/p99: bootstrap
-over requests).
+95% confidence intervals (pairs/s: Student t over the measurement windows; p50/p99: the
+distribution-free order-statistic interval).
 
 The one place where numbers are computed from raw request records, for every command.
 """
@@ -67,8 +67,6 @@ def window_rates(ends: Iterable[float], counts: Iterable[int], edges: Sequence[f
 
 
 CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_CELLS = 20_000_000  # resamples x requests: fewer resamples for very long runs
 
 
 def rate_interval(rates: Sequence[float], widths: Sequence[float], level: float = CONFIDENCE) -> list[float] | None:
@@ -87,18 +85,21 @@ def rate_interval(rates: Sequence[float], widths: Sequence[float], level: float 
     return [mean - half, mean + half]
 
 
-def percentile_interval(values_s: Sequence[float], q: float, level: float = CONFIDENCE,
-                        seed: int = 0) -> list[float] | None:
-    """Bootstrap interval (percentile method, seeded) of the q-th percentile, in ms; None under
-    2 values."""
-    x = np.asarray(values_s, dtype=np.float64) * 1000.0
-    if len(x) < 2:
+def percentile_interval(values_s: Sequence[float], q: float, level: float = CONFIDENCE) -> list[float | None] | None:
+    """Distribution-free interval of the q-th percentile, in ms: the order statistics whose ranks
+    the binomial distribution of "how many fall below it" bounds. A bound the sample cannot give
+    (p99 of fewer than ~370 requests has no upper one) is None: unknown, not the sample's max,
+    which a bootstrap would wrongly report. None under 2 values."""
+    from scipy.stats import binom
+
+    x = np.sort(np.asarray(values_s, dtype=np.float64)) * 1000.0
+    n = len(x)
+    if n < 2:
         return None
-    resamples = max(100, min(BOOTSTRAP_RESAMPLES, BOOTSTRAP_CELLS // len(x)))
-    rng = np.random.default_rng(seed)
-    stats = np.percentile(x[rng.integers(0, len(x), (resamples, len(x)))], q, axis=1)
-    lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
-    return [float(lo), float(hi)]
+    p = q / 100
+    low_rank = int(binom.ppf((1 - level) / 2, n, p))  # X_(low_rank) <= the percentile <= X_(high_rank)
+    high_rank = int(binom.ppf(1 - (1 - level) / 2, n, p)) + 1
+    return [float(x[low_rank - 1]) if low_rank >= 1 else None, float(x[high_rank - 1]) if high_rank <= n else None]
 
 
 def spread(values: Sequence[float]) -> float | None:
@@ -157,7 +158,7 @@ def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
             "pairs_per_s": rate_interval(rates, np.diff(edges)),
             "pairs_per_s_method": "Student t over the measurement windows (ratio estimator)",
             "latency_ms": {k: percentile_interval([r.latency_s for r in ok], PERCENTILES[k]) for k in ("p50", "p99")},
-            "latency_method": "bootstrap over requests (percentile method)",
+            "latency_method": "order statistics (distribution-free, binomial); null: a bound the sample cannot give",
         },
         "stability": {
             **stability_block(rates, "pairs_per_s"),

@@ -29,9 +29,15 @@ def _load(path: Path) -> dict[tuple, dict]:
     return {point_key(d): d for d in docs}
 
 
-def _apart(a: list[float] | None, b: list[float] | None) -> bool:
-    """The two 95% intervals do not overlap (no interval: decided by the threshold alone)."""
-    return not a or not b or a[1] < b[0] or b[1] < a[0]
+def _apart(a: list[float | None] | None, b: list[float | None] | None) -> bool:
+    """The two 95% intervals do not overlap (no interval: decided by the threshold alone; an
+    unknown bound reaches as far as it may)."""
+    if not a or not b:
+        return True
+    inf = float("inf")
+    a_lo, a_hi = (-inf if a[0] is None else a[0]), (inf if a[1] is None else a[1])
+    b_lo, b_hi = (-inf if b[0] is None else b[0]), (inf if b[1] is None else b[1])
+    return a_hi < b_lo or b_hi < a_lo
 
 
 def compare(a: Path, b: Path, threshold: float) -> list[dict]:

@@ -55,10 +55,11 @@ def _value(doc: dict, metric: str) -> float:
     return doc["summary"]["pairs_per_s"] if metric == "pairs_per_s" else doc["latency_ms"][metric]
 
 
-def _errors(values: list[float], intervals: list[list[float] | None]) -> list[list[float]]:
-    """Error bar lengths [below, above] from 95% intervals (clipped at 0; none where none)."""
-    return [[max(0.0, v - max(i[0], 0.0)) if i else 0.0 for v, i in zip(values, intervals)],
-            [max(0.0, i[1] - v) if i else 0.0 for v, i in zip(values, intervals)]]
+def _errors(values: list[float], intervals: list[list[float | None] | None]) -> list[list[float]]:
+    """Error bar lengths [below, above] from 95% intervals (clipped at 0; none where none, and
+    none on a side the sample could not bound)."""
+    return [[max(0.0, v - max(i[0], 0.0)) if i and i[0] is not None else 0.0 for v, i in zip(values, intervals)],
+            [max(0.0, i[1] - v) if i and i[1] is not None else 0.0 for v, i in zip(values, intervals)]]
 
 
 def _with_bars(ax: plt.Axes, xs: list[float], docs: list[dict], metric: str, fmt: str = "-", **kwargs: Any) -> None:

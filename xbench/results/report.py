@@ -51,10 +51,13 @@ def _efficiency(doc: dict[str, Any]) -> str:
     return "-" if eff is None else f"{eff:.0%}"
 
 
-def _with_interval(value: float | None, interval: list[float] | None, fmt: Any) -> str:
-    """'41.2 ±3.1': the value and the half-width of its 95% interval (widest side)."""
+def _with_interval(value: float | None, interval: list[float | None] | None, fmt: Any) -> str:
+    """'41.2 ±3.1': the value and the half-width of its 95% interval (widest side); '±?' when
+    the sample cannot bound it (a p99 of a few hundred requests)."""
     if value is None or not interval:
         return fmt(value)
+    if interval[0] is None or interval[1] is None:
+        return f"{fmt(value)} ±?"
     half = max(value - interval[0], interval[1] - value)
     return f"{fmt(value)} ±{fmt(half)}"
 

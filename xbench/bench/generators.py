@@ -28,8 +28,8 @@ import numpy as np
 
 from xbench.bench.http import HttpTarget
 from xbench.bench.load import LoadSpec, StopLoad, generate
-from xbench.bench.stats import (CONFIDENCE, PERCENTILES, Record, even_edges, percentile_interval, rate_interval,
-                                stability_block)
+from xbench.bench.stats import (CONFIDENCE, PERCENTILES, Record, even_edges, latency_summary, percentile_interval,
+                                rate_interval, stability_block)
 from xbench.errors import ConfigError
 from xbench.workload import Workload
 
@@ -61,17 +61,6 @@ def decode_sum(encoded: list[str]) -> Any:
         if e:
             total.add(HdrHistogram.decode(base64.b64decode(e)))
     return total
-
-
-def histogram_summary(h: Any) -> dict[str, float | None]:
-    """mean, percentiles and max in ms, as stats.latency_summary computes them from raw values."""
-    keys = ["mean", *PERCENTILES, "max"]
-    if not h.get_total_count():
-        return {k: None for k in keys}
-    out = {"mean": h.get_mean_value() / 1000}
-    out.update({k: h.get_value_at_percentile(q) / 1000 for k, q in PERCENTILES.items()})
-    out["max"] = h.get_max_value() / 1000
-    return out
 
 
 def histogram_values_s(h: Any) -> np.ndarray:
@@ -148,7 +137,7 @@ def merge(parts: list[dict], spec: LoadSpec) -> dict:
     edges = even_edges(0, width, spec.windows)
     cuts = [round(e) for e in edges]
     rates = [float(bins[a:b].sum()) / ((b - a) * BIN_S) for a, b in zip(cuts, cuts[1:]) if b > a]
-    values = histogram_values_s(latency)
+    values = histogram_values_s(latency)  # percentiles as one generator computes them (linear interpolation)
     statuses: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for p in parts:
@@ -161,8 +150,9 @@ def merge(parts: list[dict], spec: LoadSpec) -> dict:
             "duration_s": duration, "requests_per_s": requests / duration, "pairs_per_s": pairs / duration,
             "tokens_per_s": tokens / duration,
         },
-        "latency_ms": histogram_summary(latency),
-        "stages_ms": {s: histogram_summary(decode_sum([p["stages"].get(s, "") for p in parts])) for s in stage_names},
+        "latency_ms": latency_summary(values),
+        "stages_ms": {s: latency_summary(histogram_values_s(decode_sum([p["stages"].get(s, "") for p in parts])))
+                      for s in stage_names},
         "confidence": {
             "level": CONFIDENCE,
             "pairs_per_s": rate_interval(rates, [1.0] * len(rates)),

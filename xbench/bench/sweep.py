@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +136,8 @@ def sweep_job(job_cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from rich.console import Console
 
+    if _ctrl_c.is_set():
+        raise KeyboardInterrupt
     console = Console(stderr=True)
     point = plan_point(job_cfg)
     number = HydraConfig.get().job.num + 1  # this point's place in the grid, whatever is on disk
@@ -202,6 +206,7 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
         argv.append(f"hydra/launcher={launcher}")
     saved = sys.argv
     sys.argv = argv
+    previous = signal.signal(signal.SIGINT, _remember_ctrl_c)
     try:
         sweep_job()
     except SystemExit as exc:
@@ -209,8 +214,21 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
             raise XbenchError(f"sweep {name} stopped: Hydra exited with {exc.code}") from None
     finally:
         sys.argv = saved
+        signal.signal(signal.SIGINT, previous)
         write_report(run_dir)  # from whatever points exist, also after Ctrl-C
+    if _ctrl_c.is_set():  # pressed where Python swallowed the KeyboardInterrupt (a weakref callback)
+        raise KeyboardInterrupt
     return run_dir
+
+
+_ctrl_c = threading.Event()
+
+
+def _remember_ctrl_c(signum: int, frame: Any) -> None:
+    """Ctrl-C: raise KeyboardInterrupt as usual, and remember it, so that no further point starts
+    even when the exception lands somewhere Python ignores it."""
+    _ctrl_c.set()
+    signal.default_int_handler(signum, frame)
 
 
 def write_report(run_dir: Path, reference: bool = False) -> Path:

@@ -136,7 +136,7 @@ def sweep_job(job_cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from rich.console import Console
 
-    if _ctrl_c.is_set():
+    if ctrl_c_pressed():
         raise KeyboardInterrupt
     console = Console(stderr=True)
     point = plan_point(job_cfg)
@@ -216,12 +216,18 @@ def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: boo
         sys.argv = saved
         signal.signal(signal.SIGINT, previous)
         write_report(run_dir)  # from whatever points exist, also after Ctrl-C
-    if _ctrl_c.is_set():  # pressed where Python swallowed the KeyboardInterrupt (a weakref callback)
+    if ctrl_c_pressed():  # pressed where Python swallowed the KeyboardInterrupt (a weakref callback)
         raise KeyboardInterrupt
     return run_dir
 
 
 _ctrl_c = threading.Event()
+
+
+def ctrl_c_pressed() -> bool:
+    # A function, not the Event itself, in sweep_job: launchers pickle the job by value (joblib's
+    # cloudpickle), and a lock does not pickle.
+    return _ctrl_c.is_set()
 
 
 def _remember_ctrl_c(signum: int, frame: Any) -> None:

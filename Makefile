@@ -40,11 +40,11 @@ study: install
 	$(VENV)/bin/xbench sweep --all
 	$(VENV)/bin/xbench plot "$$(ls -d results/study/*/ | tail -n 1)" -o plots
 
-# The suite on tiny models and the real server (under 8 minutes on 2 cores) ...
+# The suite on tiny models and the real server (about 9 minutes on 2 cores) ...
 test: install
 	$(PY) -m pytest -q -m "not slow"
 
-# ... and the full-size default model on every backend (what `.ci/run` runs next).
+# ... and the full-size default model on every backend, Infinity and a Ray cluster (what `.ci/run` runs next).
 test-slow: install
 	$(PY) -m pytest -q -m slow
 

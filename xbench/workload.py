@@ -230,19 +230,21 @@ def make_workload(data: str | Path | None, cfg: Any) -> Workload:
                      lengths=w.lengths, fixed_words=w.fixed_words)
 
 
-def char_profile(workload: Workload, pairs: int = 4096) -> dict:
-    """Pair lengths in characters (query + document), for targets whose tokenizer is not ours."""
-    a = np.asarray([len(q) + len(d) for q, d in workload.pairs(min(pairs, workload.size))], dtype=np.int64)
+def length_stats(lengths: list[int] | np.ndarray) -> dict:
+    """How many, mean, p50, p90, p99 and max of a list of lengths."""
+    a = np.asarray(lengths, dtype=np.int64)
     return {"pairs": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
             "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "max": int(a.max())}
+
+
+def char_profile(workload: Workload, pairs: int = 4096) -> dict:
+    """Pair lengths in characters (query + document), for targets whose tokenizer is not ours."""
+    return length_stats([len(q) + len(d) for q, d in workload.pairs(min(pairs, workload.size))])
 
 
 def length_profile(lengths: list[int] | np.ndarray, max_length: int) -> dict:
     """Pair lengths in tokens: mean, percentiles and a histogram (32-token bins up to max_length),
     so a result file says which length mix produced its figures."""
-    a = np.asarray(lengths, dtype=np.int64)
     edges = list(range(0, max_length + 32, 32))
-    counts, _ = np.histogram(a, bins=edges)
-    return {"pairs": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "max": int(a.max()),
-            "histogram": {"bin_tokens": 32, "counts": counts.tolist()}}
+    counts, _ = np.histogram(np.asarray(lengths, dtype=np.int64), bins=edges)
+    return {**length_stats(lengths), "histogram": {"bin_tokens": 32, "counts": counts.tolist()}}

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from xbench.core.memory import SLACK_BYTES
 from xbench.errors import DataError
 from xbench.serve.process import closed_by_server, start_server
 from xbench.workload import load_jsonl
@@ -257,7 +258,9 @@ def test_a_backlog_past_the_grace_period_is_answered_503_and_the_process_exits_i
 @pytest.mark.slow
 def test_rss_returns_to_its_level_after_a_storm_of_large_requests():
     # The full-size model: 200 pairs at 512 tokens free ~400 MB of activations that glibc would
-    # otherwise keep; the long query is tokenized once per request, not once per document.
+    # otherwise keep; the long query is tokenized once per request, not once per document. The
+    # releaser trims only past SLACK_BYTES of growth, so up to that much may stay by design (CI's
+    # machine kept 74 MB, this VM 18 MB).
     s = start_server(["server.max_queue_wait_ms=0"])
     try:
         docs = ["a b c"] * 16
@@ -277,6 +280,7 @@ def test_rss_returns_to_its_level_after_a_storm_of_large_requests():
         assert [r.status_code for r in answers] == [200, 422, 422, 422, 422]
         time.sleep(1.0)
         after = s.rss_mb()
-        assert after <= before * 1.10, f"RSS {before:.0f} MB before, {after:.0f} MB after"
+        allowed = before * 1.05 + SLACK_BYTES / 2**20
+        assert after <= allowed, f"RSS {before:.0f} MB before, {after:.0f} MB after (allowed {allowed:.0f})"
     finally:
         s.stop()

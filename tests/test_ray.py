@@ -107,14 +107,16 @@ def wait_for(check, timeout, what):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def replica_counts(targets_file: Path) -> dict[str, float]:
-    """Rerank requests answered, per replica, from each replica's own metrics endpoint."""
-    counts = {}
+def replica_metric(targets_file: Path, name: str, labels: str = "") -> dict[str, float]:
+    """One metric summed over its series (those with `labels` in theirs), per replica, from each
+    replica's own metrics endpoint."""
+    values = {}
     for group in json.loads(targets_file.read_text()):
         text = httpx.get(f"http://{group['targets'][0]}/metrics", timeout=5).text
-        counts[group["labels"]["replica"]] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                                 if line.startswith("xbench_requests_total{") and 'status="200"' in line)
-    return counts
+        values[group["labels"]["replica"]] = sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.split("{")[0].split(" ")[0] == name and labels in line)
+    return values
 
 
 def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one(cluster, tmp_path, tiny_model):
@@ -122,7 +124,8 @@ def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "xbench", "serve", "--ray", cluster, "--replicas", "2",
                              "--cpus-per-replica", "0.5", "--port", str(port), "--targets-file", str(targets),
-                             f"model_pool.instances.0.name={tiny_model}"], stdout=log, stderr=subprocess.STDOUT)
+                             f"model_pool.instances.0.name={tiny_model}", "server.max_queue_wait_ms=0"],  # no shedding
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 240, "Ray Serve to answer")
@@ -133,25 +136,39 @@ def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one
             assert r.status_code == 200, r.text
             got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
             np.testing.assert_allclose([got[i] for i in range(3)], expected, atol=1e-4)
-        counts = replica_counts(targets)
+        counts = replica_metric(targets, "xbench_requests_total", 'status="200"')
         assert len(counts) == 2 and sum(counts.values()) == 50 and all(c > 0 for c in counts.values()), counts
         assert httpx.post(url + "/v1/rerank", json={"query": "q"}, timeout=30).status_code == 422  # errors as usual
 
         ray.init(address=cluster, log_to_driver=False)
 
-        def replicas() -> list[str]:
-            return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+        def replicas() -> list[str]:  # the model replicas, not the doors
+            return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA::xbench#xbench#")]
 
         assert len(replicas()) == 2
-        victim = replicas()[0]
+        long_docs = [f"{d} " + "word " * 50 for d in DOCS] * 200  # a few seconds each on 2 cores
         with concurrent.futures.ThreadPoolExecutor(4) as pool:  # requests in flight while it dies
-            in_flight = [pool.submit(httpx.post, url + "/v1/rerank", json={"query": "q", "documents": DOCS * 100},
-                                     timeout=60) for _ in range(4)]
-            time.sleep(0.5)
+            in_flight = [pool.submit(httpx.post, url + "/v1/rerank", json={"query": "q", "documents": long_docs},
+                                     timeout=120) for _ in range(4)]
+            busy: list[str] = []
+
+            def one_is_busy() -> bool:
+                busy[:] = [r for r, n in replica_metric(targets, "xbench_requests_in_flight").items() if n > 0]
+                return bool(busy)
+
+            wait_for(one_is_busy, 30, "a replica with requests in flight")
+            victim = next(name for name in replicas() if name.endswith("#" + busy[0]))
             ray.kill(ray.get_actor(victim, namespace="serve"))
-            # Every request gets an answer, none hangs: Ray's proxy answers 500 for those on the
-            # killed replica, the survivor answers the rest.
-            assert {f.result().status_code for f in in_flight} <= {200, 500}
+            # Every request gets an answer, none hangs: those on the killed replica a 503 in
+            # Cohere's error shape with Retry-After (Ray's proxy alone would say 500 in plain
+            # text), the rest are answered by the survivor.
+            answers = [f.result() for f in in_flight]
+        assert {r.status_code for r in answers} <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers]
+        lost = [r for r in answers if r.status_code == 503]
+        assert lost, "no request was in flight on the killed replica"
+        for r in lost:
+            assert r.headers["retry-after"] == "1" and "retry" in r.json()["error"]["message"]
 
         def replaced() -> bool:
             alive = replicas()

@@ -239,6 +239,12 @@ def timing_headers(result: RerankResult) -> dict[str, str]:
             "x-compute-tokens": str(result.total_tokens)}
 
 
+def error_response(path: str, err: ServiceError) -> JSONResponse:
+    """An error in the shape of the dialect that serves `path` (TEI's elsewhere)."""
+    dialect = next((d for d in DIALECTS.values() if d.path == path), DIALECTS["tei"])
+    return JSONResponse(dialect.error_body(err), status_code=err.status, headers=err.headers)
+
+
 class CloseWhileDraining:
     """ASGI middleware: while the server drains, every response says `Connection: close`, so a
     keep-alive client opens its next request elsewhere instead of finding the socket closed."""
@@ -282,15 +288,12 @@ def create_app(cfg: DictConfig) -> Starlette:
 
         return endpoint
 
-    by_path = {d.path: d for d in DIALECTS.values()}
-
     async def route_error(request: Request, exc: Exception) -> Response:
         """404 and 405 in JSON, in the shape of the dialect whose path it was (TEI's elsewhere)."""
         assert isinstance(exc, HTTPException)
         kind = ErrorKind.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorKind.NOT_FOUND
         err = ServiceError(kind, f"{request.method} {request.url.path}: {exc.detail}", headers=dict(exc.headers or {}))
-        dialect = by_path.get(request.url.path, DIALECTS["tei"])
-        return JSONResponse(dialect.error_body(err), status_code=exc.status_code, headers=err.headers)
+        return error_response(request.url.path, err)
 
     app = Starlette(routes=[
         *(rerank_route(d) for d in DIALECTS.values()),

@@ -1,9 +1,14 @@
 """`xbench serve --ray ADDRESS --replicas N`: the same Starlette app as replicas on Ray Serve.
 
 Each replica builds its own app (routes, auth, errors, metrics) with `create_app` and owns its
-pipeline; Ray Serve's proxy spreads requests over them (ASGI ingress) and replaces a replica that
-dies or fails its health check. A replica loads its model before it reports ready, so a new or
-replacement replica never answers "loading".
+pipeline; Ray Serve replaces a replica that dies or fails its health check. A replica loads its
+model before it reports ready, so a new or replacement replica never answers "loading".
+
+In front of them stands a `Door` (the ASGI ingress, no model, no CPUs): it hands each HTTP request
+to a replica through a deployment handle and sends back the replica's answer as it was. When the
+replica dies under a request, Ray's proxy would answer a plain-text 500; the door answers 503 with
+Retry-After in the route's own error shape instead, so clients retry as they do on a draining
+server. The extra hop costs a handle call (about a millisecond).
 
 Metrics stay per replica: each replica also serves its own registry on a port of its node and
 registers the address with a named actor; the driver keeps a Prometheus file_sd list of the live
@@ -16,6 +21,7 @@ Plain `xbench serve` does not import this module, nor Ray.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -28,7 +34,7 @@ import httpx
 from omegaconf import DictConfig, OmegaConf
 
 from xbench.config import to_dict
-from xbench.errors import XbenchError
+from xbench.errors import ErrorKind, ServiceError, XbenchError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,8 @@ class Replica:
 
         from xbench.serve.app import create_app
 
-        self.xbench_app = create_app(OmegaConf.create(cfg))  # not `app`: Serve's wrapper owns that name
-        self.service = self.xbench_app.state.service
+        self.app = create_app(OmegaConf.create(cfg))
+        self.service = self.app.state.service
         self.service.models.load()  # before ready: the proxy never routes to a loading replica
         if self.service.models.load_error:
             raise RuntimeError(f"model failed to load: {self.service.models.load_error}")
@@ -74,33 +80,101 @@ class Replica:
         registry = ray.get_actor(REGISTRY_ACTOR, namespace=REGISTRY_NAMESPACE)
         ray.get(registry.register.remote(self.replica_id, f"{node_ip}:{self.metrics_server.server_port}"))
 
-    def __serve_build_asgi_app__(self) -> Any:
-        return self.xbench_app
+    async def handle(self, request: dict) -> tuple[int, list, bytes]:
+        """One HTTP request, as the door read it, through this replica's app."""
+        return await call_asgi(self.app, request)
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose pipeline died is replaced."""
         if not self.service.models.healthy():
             raise RuntimeError("the pipeline is not healthy")
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
         server = getattr(self, "metrics_server", None)
         if server is not None:
             server.shutdown()
+        if hasattr(self, "service"):
+            self.service.models.close()  # what the app's lifespan does under uvicorn
+
+
+async def call_asgi(app: Any, request: dict) -> tuple[int, list, bytes]:
+    """Run one request through an ASGI app in this process; (status, headers, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
+             "method": request["method"], "path": request["path"], "raw_path": request["path"].encode(),
+             "query_string": request["query_string"], "root_path": "", "headers": request["headers"],
+             "client": request.get("client"), "server": None}
+    pending = [{"type": "http.request", "body": request["body"], "more_body": False}]
+    status, headers, body = 500, [], bytearray()
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()  # no disconnect: a client that leaves cancels this call instead
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, headers, bytes(body)
+
+
+class Door:
+    """The HTTP ingress: each request to a replica, and a 503 when the replica dies under it."""
+
+    def __init__(self, replicas: Any):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        self.replicas = replicas
+        methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        self.door_app = Starlette(routes=[Route("/{path:path}", self.forward, methods=methods)])
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.door_app  # not `app`: Serve's ingress wrapper owns that name
+
+    async def forward(self, request: Any) -> Any:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+        from starlette.responses import Response
+
+        from xbench.serve.app import error_response
+
+        forwarded = {"method": request.method, "path": request.url.path, "query_string": request.url.query.encode(),
+                     "headers": request.headers.raw, "body": await request.body(),
+                     "client": tuple(request.client) if request.client else None}
+        try:
+            status, headers, body = await self.replicas.handle.remote(forwarded)
+        except (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            log.warning("replica lost during %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
+            return error_response(request.url.path, ServiceError(
+                ErrorKind.UNAVAILABLE, "the replica serving this request stopped before it answered, or none was "
+                "left to take it; retry (Ray Serve replaces replicas that die)", headers={"Retry-After": "1"}))
+        response = Response(body, status_code=status)
+        response.raw_headers = headers
+        return response
 
 
 def deployment(cfg: DictConfig, replicas: int, max_replicas: int | None, target_ongoing: float,
                cpus_per_replica: float) -> Any:
-    """The Serve application: Replica behind ASGI ingress, fixed or autoscaled."""
+    """The Serve application: replicas behind doors (the ASGI ingress), fixed or autoscaled."""
     from ray import serve
 
     scaling: dict[str, Any] = (
         {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
                                 "target_ongoing_requests": target_ongoing}}
         if max_replicas else {"num_replicas": replicas})
-    ingress = serve.ingress()(Replica)
-    return serve.deployment(ingress, name="xbench", ray_actor_options={"num_cpus": cpus_per_replica},
-                            health_check_period_s=2, health_check_timeout_s=30,
-                            max_ongoing_requests=int(cfg.server.max_concurrent_requests), **scaling).bind(to_dict(cfg))
+    model_replicas = serve.deployment(Replica, name="xbench", ray_actor_options={"num_cpus": cpus_per_replica},
+                                      health_check_period_s=2, health_check_timeout_s=30,
+                                      max_ongoing_requests=int(cfg.server.max_concurrent_requests), **scaling)
+    # As many doors as replicas, so the door is never the narrow part; each forwards bytes only.
+    door = serve.deployment(serve.ingress()(Door), name="xbench-door", ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=int(cfg.server.max_concurrent_requests) * 4, **scaling)
+    return door.bind(model_replicas.bind(to_dict(cfg)))
 
 
 def live_targets(registry: Any) -> dict[str, str]:

@@ -1,79 +1,139 @@
-"""GPU check: fidelity of the CUDA paths against the PyTorch fp32 reference, on the default model.
+"""GPU check: fidelity of the CUDA paths against the PyTorch fp32 reference, and their raw forward.
 
-Scores the same 256 long-tailed pairs with each CUDA path (packed and padded PyTorch, compiled,
-ONNX, CTranslate2) and compares them to transformers' padded fp32 forward on the CPU (same
-weights). Prints a table with each path's raw forward rate at batch 128 (the ceiling the
-pipeline is held to); writes results/gpu/fidelity.json. Run by scripts/gpu_check.sh, which then
-measures pipeline-bench at batch 128, concurrency 16 on both workloads.
+    python scripts/gpu_check.py [--model DIR] [--paths pytorch:fp16,pytorch:fp16:padded,...]
+    python scripts/gpu_check.py --summary    # after pipeline-bench: pipeline ÷ raw forward
+
+Fidelity: the same 256 long-tailed pairs scored by each CUDA path (packed and padded PyTorch,
+compiled, ONNX, CTranslate2) against transformers' padded fp32 forward on the CPU, same weights.
+Raw forward: each path alone on 2048 pre-tokenized pairs per workload (MS MARCO-shaped and
+long-tailed), globally sorted by length and cut into batches of 128: the ceiling the pipeline
+is held to. Writes results/gpu/fidelity.json; `--summary` reads it with the pipeline-bench
+files that scripts/gpu_check.sh writes next to it and prints pipeline ÷ raw forward.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from scipy.stats import spearmanr
 
 from xbench.backends import create_backend
 from xbench.config import ModelInstanceConfig
-from scipy.stats import spearmanr
-
 from xbench.core.batcher import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model
 from xbench.results.store import environment, write_json
 from xbench.workload import synthetic
 
-# (backend, precision, packed): packed=None is the backend's default
-PATHS = [("pytorch", "fp32", None), ("pytorch", "fp16", None), ("pytorch", "fp16", False), ("pytorch", "bf16", None),
-         ("compiled", "fp16", None), ("compiled", "bf16", None), ("onnx", "fp32", None), ("onnx", "fp16", None),
-         ("ctranslate2", "fp16", None), ("ctranslate2", "int8", None)]
+RESULTS = Path("results/gpu")
+WORKLOADS = ("msmarco", "longtail")
+# backend:precision[:padded]; without `padded` the backend's default (packed where it can)
+PATHS = ("pytorch:fp32,pytorch:fp16,pytorch:fp16:padded,pytorch:bf16,compiled:fp16,compiled:bf16,"
+         "onnx:fp32,onnx:fp16,ctranslate2:fp16,ctranslate2:int8")
+
+
+def encoded(model_path: Path, lengths: str, pairs: int):
+    tok = TokenizerPool(load_tokenizer(model_path, 512))
+    enc = tok.encode(synthetic(8192, seed=0, lengths=lengths).pairs(pairs))
+    tok.close()
+    return enc
+
+
+def forward_rate(backend, batches, pairs: int, device: str, passes: int = 3) -> float:
+    for idx, arrays in batches:  # load, compile, warm up
+        backend.forward(*arrays)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for idx, arrays in batches:
+            backend.forward(*arrays)  # returns host logits: each batch ends synchronized
+    return passes * pairs / (time.perf_counter() - t0)
+
+
+def check(model_name: str, paths: list[str], device: str) -> None:
+    console = Console(width=160)
+    model = resolve_model(model_name)
+    fidelity_batches = padded_batches(encoded(model.path, "longtail", 256), 128)
+    speed_batches = {w: padded_batches(encoded(model.path, w, 2048), 128) for w in WORKLOADS}
+
+    def scores(backend) -> np.ndarray:
+        out = np.empty(256, dtype=np.float32)
+        for idx, arrays in fidelity_batches:
+            out[idx] = backend.forward(*arrays)
+        return out
+
+    reference = scores(create_backend(ModelInstanceConfig(backend="pytorch", device="cpu", packed=False),
+                                      str(model.path), 8))
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else device
+    table = Table(title=f"{device} paths vs PyTorch fp32 on the CPU, {model_name} ({device_name}); forward = "
+                        "2048 pairs sorted by length, batches of 128")
+    for col in ("path", "max |Δ logit|", "Spearman", *(f"forward pairs/s {w}" for w in WORKLOADS), "ready s"):
+        table.add_column(col)
+    rows = []
+    for path in paths:
+        backend_name, precision, *rest = path.split(":")
+        packed = False if rest == ["padded"] else None
+        try:
+            t0 = time.perf_counter()
+            backend = create_backend(ModelInstanceConfig(backend=backend_name, device=device, quantization=precision,
+                                                         packed=packed), str(model.path), 4)
+            got = scores(backend)  # also compiles the shapes it sees first
+            ready = time.perf_counter() - t0
+            rates = {w: forward_rate(backend, speed_batches[w], 2048, device) for w in WORKLOADS}
+        except Exception as exc:  # e.g. onnxruntime without the CUDA provider, ctranslate2 not installed
+            rows.append({"path": path, "error": str(exc)[:300]})
+            table.add_row(path, "unavailable", str(exc).splitlines()[0][:70] if str(exc) else type(exc).__name__)
+            continue
+        diff, rho = float(np.abs(got - reference).max()), float(spearmanr(got, reference).statistic)
+        rows.append({"path": path, "max_abs_diff": diff, "spearman": rho, "ready_s": ready,
+                     "forward_pairs_per_s": rates})
+        table.add_row(path, f"{diff:.1e}", f"{rho:.4f}", *(f"{rates[w]:,.0f}" for w in WORKLOADS), f"{ready:.1f}")
+        del backend
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    console.print(table)
+    write_json(RESULTS / "fidelity.json", {"env": environment(), "model": model_name, "device": device_name,
+                                           "paths": rows})
+
+
+def summary() -> None:
+    """pipeline-bench pairs/s ÷ the same path's raw forward, per workload."""
+    raw = {row["path"]: row.get("forward_pairs_per_s", {})
+           for row in json.loads((RESULTS / "fidelity.json").read_text())["paths"]}
+    table = Table(title="b128 c16: each command's pairs/s ÷ the path's raw forward (batches of 128 sorted by length)")
+    for col in ("file", "pairs/s", "raw forward pairs/s", "÷ raw", "stable"):
+        table.add_column(col)
+    for f in sorted(RESULTS.glob("*.json")):
+        if f.name == "fidelity.json":
+            continue
+        doc = json.loads(f.read_text())
+        inst = doc["config"]["model_pool"]["instances"][0]
+        forward = raw.get(f"{inst['backend']}:{inst['quantization']}", {}).get(doc["config"]["workload"]["lengths"])
+        rate = doc["summary"]["pairs_per_s"]
+        table.add_row(f.name, f"{rate:,.0f}", f"{forward:,.0f}" if forward else "-",
+                      f"{rate / forward:.2f}" if forward else "-", str(doc["stability"]["stable"]))
+    Console(width=160).print(table)
 
 
 def main() -> None:
-    console = Console(width=140)
-    model = resolve_model("xbench/minilm-l6-seeded")
-    tok = TokenizerPool(load_tokenizer(model.path, 512))
-    enc = tok.encode(synthetic(4096, seed=0, lengths="longtail").pairs(256))
-    tok.close()
-    batches = padded_batches(enc, 128)
-
-    def run(backend: str, precision: str, device: str, packed: bool | None = None) -> tuple[np.ndarray, float, float]:
-        t0 = time.perf_counter()
-        inst = ModelInstanceConfig(backend=backend, device=device, quantization=precision, packed=packed)
-        b = create_backend(inst, str(model.path), 4)
-        out = np.empty(256, dtype=np.float32)
-        for idx, arrays in batches:  # first pass: load, compile, warm up
-            out[idx] = b.forward(*arrays)
-        ready = time.perf_counter() - t0
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        for _ in range(5):
-            for idx, arrays in batches:
-                out[idx] = b.forward(*arrays)
-        return out, 5 * 256 / (time.perf_counter() - t1), ready
-
-    ref, ref_speed, _ = run("pytorch", "fp32", "cpu", packed=False)
-    table = Table(title=f"CUDA paths vs PyTorch fp32 on CPU, default model, 256 pairs ({torch.cuda.get_device_name(0)})")
-    for col in ("path", "max |Δ logit|", "Spearman", "forward pairs/s (batch 128)", "ready (load+compile) s"):
-        table.add_column(col)
-    rows = []
-    for backend, precision, packed in PATHS:
-        label = f"{backend} {precision}" + (" padded" if packed is False else "")
-        try:
-            got, speed, ready = run(backend, precision, "cuda", packed)
-        except Exception as exc:  # e.g. onnxruntime without the CUDA provider
-            rows.append({"path": label, "error": str(exc)[:200]})
-            table.add_row(label, "unavailable", str(exc)[:60], "", "")
-            continue
-        diff, rho = float(np.abs(got - ref).max()), float(spearmanr(got, ref).statistic)
-        rows.append({"path": label, "max_abs_diff": diff, "spearman": rho, "pairs_per_s": speed, "ready_s": ready})
-        table.add_row(label, f"{diff:.1e}", f"{rho:.4f}", f"{speed:,.0f}", f"{ready:.1f}")
-    console.print(table)
-    write_json("results/gpu/fidelity.json", {"env": environment(), "reference_cpu_pairs_per_s": ref_speed, "paths": rows})
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="xbench/minilm-l6-seeded", help="model name or local folder")
+    parser.add_argument("--paths", default=PATHS, help="comma-separated backend:precision[:padded]")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script here")
+    parser.add_argument("--summary", action="store_true", help="only print pipeline ÷ raw forward")
+    args = parser.parse_args()
+    if args.summary:
+        summary()
+    else:
+        check(args.model, args.paths.split(","), args.device)
 
 
 if __name__ == "__main__":

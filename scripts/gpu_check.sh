@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# GPU check (NVIDIA): fidelity and raw forward rate of the CUDA paths, then pipeline-bench at
-# batch 128, concurrency 16 for each CUDA path on the MS MARCO-shaped and the long-tailed
-# workload. Runs in under five minutes on an H100.
+# GPU check (NVIDIA): fidelity and raw forward rate of the CUDA paths, then, per workload
+# (MS MARCO-shaped and long-tailed), tokenize-bench, infer-bench (batcher + model pool on
+# pre-tokenized pairs) and pipeline-bench (all of it) at batch 128, concurrency 16, ending in
+# pipeline ÷ raw forward. About five minutes on an H100 with the defaults.
 #   scripts/gpu_check.sh [extra overrides]
+#   GPU_MODEL=DIR            a local model folder instead of the embedded default
+#   GPU_PATHS="pytorch:fp16 ..."  the paths infer- and pipeline-bench run (backend:precision)
+#   GPU_FIDELITY_PATHS=pytorch:fp16,pytorch:fp16:padded  the paths gpu_check.py scores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${GPU_RESULTS:-results/gpu}
+OUT=results/gpu
+MODEL=${GPU_MODEL:-xbench/minilm-l6-seeded}
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-"$PY" scripts/gpu_check.py
-paths="pytorch:fp32 pytorch:fp16 pytorch:bf16 compiled:fp16"
-if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-  paths="$paths onnx:fp16"
-else
-  echo "onnx on cuda skipped: onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
-fi
+"$PY" scripts/gpu_check.py --model "$MODEL" ${GPU_FIDELITY_PATHS:+--paths "$GPU_FIDELITY_PATHS"}
+paths=${GPU_PATHS:-"pytorch:fp16 pytorch:bf16 pytorch:fp32 compiled:fp16"}
+common=(-b 128 -c 16 -d 10 --warmup 5 model_pool.instances.0.name="$MODEL" model_pool.instances.0.device=cuda
+        batching.max_batch_size=256 batching.max_batch_tokens=65536 tokenizer_pool.workers=8)
 for lengths in msmarco longtail; do
+  "$PY" -m xbench tokenize-bench "${common[@]}" workload.lengths="$lengths" -o "$OUT/tokenize-$lengths.json" "$@"
   for path in $paths; do
     backend=${path%%:*}; precision=${path##*:}
-    "$PY" -m xbench pipeline-bench -b 128 -c 16 -d 10 --warmup 5 -o "$OUT/pipeline-$backend-$precision-$lengths.json" \
-      model_pool.instances.0.backend="$backend" model_pool.instances.0.device=cuda \
-      model_pool.instances.0.quantization="$precision" batching.max_batch_size=256 batching.max_batch_tokens=65536 \
-      tokenizer_pool.workers=4 workload.lengths="$lengths" "$@"
+    for command in infer-bench pipeline-bench; do
+      "$PY" -m xbench "$command" "${common[@]}" -o "$OUT/$command-$backend-$precision-$lengths.json" \
+        model_pool.instances.0.backend="$backend" model_pool.instances.0.quantization="$precision" \
+        workload.lengths="$lengths" "$@"
+    done
   done
 done
+"$PY" scripts/gpu_check.py --summary

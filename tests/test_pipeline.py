@@ -54,12 +54,13 @@ def test_tokenizer_pool_matches_a_single_tokenizer(tiny_model, mode, direction):
 @pytest.mark.parametrize("max_length", [32, 33])
 def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, template, direction, max_length):
     """Every length combination around the limit (both texts over it, ties, odd budgets), for a
-    BERT and a RoBERTa special-token template, cut from either side: token for token what
-    encoding the pair directly gives, and the same count of truncated pairs."""
+    BERT and a RoBERTa special-token template, cut from either side, joined by the
+    post-processor or by the learned layout: token for token what encoding the pair directly
+    gives, and the same count of truncated pairs."""
     from tokenizers import Tokenizer
     from tokenizers.processors import RobertaProcessing
 
-    from xbench.core.tokenizer_pool import _encode, build_tokenizer
+    from xbench.core.tokenizer_pool import PairLayout, _encode, build_tokenizer
 
     tokenizer_json = load_tokenizer(tiny_model, max_length)
     if template == "roberta":  # <s> q </s></s> d </s>: four special tokens, one token type
@@ -71,10 +72,13 @@ def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, 
     texts = [" ".join(["word"] * n) for n in (0, 1, 5, 13, 14, 15, 16, 17, 28, 29, 30, 31, 32, 33, 34, 80)]
     pairs = [(q, d) for q in texts for d in texts]
     want = tok.encode_batch(pairs)
-    got = _encode(tok, pairs)
-    assert [x.tolist() for x in got.ids] == [e.ids for e in want]
-    assert [x.tolist() for x in got.type_ids] == [e.type_ids for e in want]
-    assert got.truncated == sum(bool(e.overflowing) for e in want) > 0
+    layout = PairLayout.learn(tok)
+    assert layout is not None and layout.specials == (3 if template == "bert" else 4)
+    for joined_by in (None, layout):  # the post-processor per pair, or numpy per query
+        got = _encode(tok, pairs, joined_by)
+        assert [x.tolist() for x in got.ids] == [e.ids for e in want]
+        assert [x.tolist() for x in got.type_ids] == [e.type_ids for e in want]
+        assert got.truncated == sum(bool(e.overflowing) for e in want) > 0
 
 
 @pytest.mark.parametrize("overrides", [

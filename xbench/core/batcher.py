@@ -98,16 +98,16 @@ def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10
 
 
 def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids)."""
-    rows, width = len(ids), max(len(x) for x in ids)
-    input_ids = np.zeros((rows, width), dtype=np.int64)
-    types = np.zeros((rows, width), dtype=np.int64)
-    mask = np.zeros((rows, width), dtype=np.int64)
-    for r, (a, t) in enumerate(zip(ids, type_ids)):
-        input_ids[r, : len(a)] = a
-        types[r, : len(t)] = t
-        mask[r, : len(a)] = 1
-    return input_ids, mask, types
+    """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids).
+    Filled through the mask in one step, no Python loop over rows (a GPU takes thousands of
+    pairs a second, and this runs under the GIL)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    real = np.arange(int(lengths.max())) < lengths[:, None]  # row-major: each row's tokens in order
+    input_ids = np.zeros(real.shape, dtype=np.int64)
+    types = np.zeros(real.shape, dtype=np.int64)
+    input_ids[real] = np.concatenate(ids)
+    types[real] = np.concatenate(type_ids)
+    return input_ids, real.astype(np.int64), types
 
 
 class _Reservation:

@@ -9,6 +9,7 @@ fans out over its rayon threads; off, it runs on the calling thread alone.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -75,53 +76,146 @@ def _full_length(enc: Any) -> int:
     return len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
 
 
-def _encode(tok: Tokenizer, pairs: list[Pair]) -> Encoded:
+@dataclass(frozen=True)
+class PairLayout:
+    """Where a tokenizer's post-processor puts its special tokens around a pair, learned once:
+    head + query + middle + document + tail, each special part with its token types, and one
+    token type for each text. BERT: [CLS] q [SEP] d [SEP]; RoBERTa: <s> q </s></s> d </s>."""
+
+    head: tuple[np.ndarray, np.ndarray]  # (ids, type ids)
+    middle: tuple[np.ndarray, np.ndarray]
+    tail: tuple[np.ndarray, np.ndarray]
+    query_type: int
+    document_type: int
+
+    @classmethod
+    def learn(cls, tok: Tokenizer) -> "PairLayout | None":
+        """The layout, if the post-processor has one that two probe pairs of other lengths confirm
+        token for token; None otherwise (the pairs are then joined by the post-processor itself)."""
+        probes = [("alpha beta gamma", "delta"), ("one", "two three four five six")]
+        q, d = (tok.encode(t, add_special_tokens=False) for t in probes[0])
+        joined = tok.post_process(q, d, add_special_tokens=True)
+        ids, types, nq, nd = joined.ids, joined.type_ids, len(q.ids), len(d.ids)
+        for h in range(len(ids) - nq - nd + 1):
+            if ids[h:h + nq] != q.ids:
+                continue
+            for m in range(len(ids) - h - nq - nd + 1):
+                s = h + nq + m
+                if ids[s:s + nd] != d.ids:
+                    continue
+                part = lambda a, b: (np.asarray(ids[a:b], dtype=np.int32), np.asarray(types[a:b], dtype=np.int32))  # noqa: E731
+                layout = cls(part(0, h), part(h + nq, s), part(s + nd, len(ids)),
+                             types[h] if nq else 0, types[s] if nd else 0)
+                if all(layout._agrees(tok, *probe) for probe in probes):
+                    return layout
+        return None
+
+    def _agrees(self, tok: Tokenizer, query: str, document: str) -> bool:
+        q, d = (tok.encode(t, add_special_tokens=False) for t in (query, document))
+        want = tok.post_process(q, d, add_special_tokens=True)
+        ids, types, _ = self.join(np.asarray(q.ids, dtype=np.int32), [d.ids], 10**9, "right")
+        return ids[0].tolist() == want.ids and types[0].tolist() == want.type_ids
+
+    @property
+    def specials(self) -> int:
+        return len(self.head[0]) + len(self.middle[0]) + len(self.tail[0])
+
+    def join(self, query: np.ndarray, documents: list[list[int]], budget: int, direction: str
+             ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """One query with each document, the documents cut to fit `budget` text tokens (the query
+        is short enough to stay whole: longest-first cuts only the document), in numpy: (ids,
+        type ids, pairs cut). The only Python work per pair is reading its document's ids."""
+        n = len(documents)
+        doc_len = np.fromiter(map(len, documents), dtype=np.int64, count=n)
+        flat_docs = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int32, count=int(doc_len.sum()))
+        keep = np.minimum(doc_len, budget - len(query))
+        lead_ids = np.concatenate([self.head[0], query, self.middle[0]])
+        lead_types = np.concatenate([self.head[1], np.full(len(query), self.query_type, np.int32), self.middle[1]])
+        tail_ids, tail_types = self.tail
+        lengths = len(lead_ids) + keep + len(tail_ids)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        ids = np.empty(int(ends[-1]) if n else 0, dtype=np.int32)
+        types = np.empty_like(ids)
+        lead_at = starts[:, None] + np.arange(len(lead_ids))
+        ids[lead_at], types[lead_at] = lead_ids, lead_types
+        # Document tokens: pair r's kept run, from its start (or its end when cut from the left).
+        rows = np.repeat(np.arange(n), keep)
+        within = np.arange(len(rows)) - np.repeat(np.cumsum(keep) - keep, keep)
+        first_kept = np.cumsum(doc_len) - doc_len + (doc_len - keep if direction == "left" else 0)
+        to = starts[rows] + len(lead_ids) + within
+        ids[to], types[to] = flat_docs[first_kept[rows] + within], self.document_type
+        tail_at = (starts + len(lead_ids) + keep)[:, None] + np.arange(len(tail_ids))
+        ids[tail_at], types[tail_at] = tail_ids, tail_types
+        return np.split(ids, ends[:-1]), np.split(types, ends[:-1]), int((keep < doc_len).sum())
+
+
+def _encode(tok: Tokenizer, pairs: list[Pair], layout: PairLayout | None = None) -> Encoded:
     """Pairs as the tokenizer would encode them, each distinct query tokenized once.
 
     Encoding (query, document) pairs directly re-tokenizes the query for every document: a 25 KB
     query with 1,000 documents is 1,000 full tokenizations. Instead each query and document is
-    tokenized alone (cut at max_length: nothing past it can survive the pair's truncation) and
-    the tokenizer's own post-processing truncates and joins them. The one case where the pre-cut
-    would change the result is two texts both over the limit: "longest first" then gives the
-    odd leftover token to the longer one, so the document is cut one token shorter than the
-    query when the query is truly longer (tests compare every case with plain pair encoding)."""
+    tokenized alone (cut at max_length: nothing past it can survive the pair's truncation, and
+    the Rust tokenizer runs without the GIL), then joined. With a `layout`, a query that fits in
+    half the budget is joined to all its documents in numpy (`PairLayout.join`): per-pair Python
+    work is what caps tokenizer threads on a many-core GPU host. Otherwise the tokenizer's own
+    post-processing truncates and joins each pair. The one case where the pre-cut would change
+    the result is two texts both over the limit: "longest first" then gives the odd leftover
+    token to the longer one, so the document is cut one token shorter than the query when the
+    query is truly longer (tests compare every case with plain pair encoding)."""
     t0 = time.perf_counter()
     queries = list(dict.fromkeys(q for q, _ in pairs))
     query_encodings = dict(zip(queries, tok.encode_batch(queries, add_special_tokens=False)))
-    query_lengths = {q: _full_length(e) for q, e in query_encodings.items()}
     documents = tok.encode_batch([d for _, d in pairs], add_special_tokens=False)
-    limit = tok.truncation["max_length"]
+    limit, direction = tok.truncation["max_length"], tok.truncation["direction"]
     budget = limit - tok.post_processor.num_special_tokens_to_add(True)
-    ids, type_ids, truncated = [], [], 0
-    for (q, _), doc in zip(pairs, documents):
+    ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
+    type_ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
+    truncated = 0
+    by_query: dict[str, list[int]] = {}
+    for i, (q, _) in enumerate(pairs):
+        by_query.setdefault(q, []).append(i)
+    for q, rows in by_query.items():
         query = query_encodings[q]
-        nq, nd = query_lengths[q], _full_length(doc)
-        if nq + nd > budget:
-            truncated += 1
-            if min(nq, nd) > budget and nq > nd and len(doc.ids) >= len(query.ids):
-                doc.truncate(len(query.ids) - 1, direction=tok.truncation["direction"])
-        pair = tok.post_process(query, doc, add_special_tokens=True)
-        ids.append(np.asarray(pair.ids, dtype=np.int32))
-        type_ids.append(np.asarray(pair.type_ids, dtype=np.int32))
+        nq = _full_length(query)
+        if layout is not None and 2 * nq <= budget:
+            got_ids, got_types, cut = layout.join(np.asarray(query.ids, dtype=np.int32),
+                                                  [documents[i].ids for i in rows], budget, direction)
+            truncated += cut
+            for i, a, t in zip(rows, got_ids, got_types):
+                ids[i], type_ids[i] = a, t
+            continue
+        for i in rows:
+            doc = documents[i]
+            nd = _full_length(doc)
+            if nq + nd > budget:
+                truncated += 1
+                if min(nq, nd) > budget and nq > nd and len(doc.ids) >= len(query.ids):
+                    doc.truncate(len(query.ids) - 1, direction=direction)
+            pair = tok.post_process(query, doc, add_special_tokens=True)
+            ids[i] = np.asarray(pair.ids, dtype=np.int32)
+            type_ids[i] = np.asarray(pair.type_ids, dtype=np.int32)
     return Encoded(ids, type_ids, time.perf_counter() - t0, truncated)
 
 
-# Per-process state of `mode: process` workers: the JSON, and a tokenizer per direction.
+# Per-process state of `mode: process` workers: the JSON, the layout, a tokenizer per direction.
 _process_json = ""
+_process_layout: PairLayout | None = None
 _process_tokenizers: dict[str, Tokenizer] = {}
 
 
 def _process_init(tokenizer_json: str, parallelism: bool) -> None:
-    global _process_json
+    global _process_json, _process_layout
     set_parallelism(parallelism)
     _process_json = tokenizer_json
     _process_tokenizers["right"] = build_tokenizer(tokenizer_json)
+    _process_layout = PairLayout.learn(_process_tokenizers["right"])
 
 
 def _process_encode(pairs: list[Pair], direction: str) -> Encoded:
     if direction not in _process_tokenizers:
         _process_tokenizers[direction] = build_tokenizer(_process_json, direction)
-    return _encode(_process_tokenizers[direction], pairs)
+    return _encode(_process_tokenizers[direction], pairs, _process_layout)
 
 
 class TokenizerPool:
@@ -132,6 +226,7 @@ class TokenizerPool:
         self.tokenizer_json = tokenizer_json
         self.max_length = int(Tokenizer.from_str(tokenizer_json).truncation["max_length"])
         set_parallelism(parallelism)
+        self.layout = PairLayout.learn(build_tokenizer(tokenizer_json))
         self._local = threading.local()
         self._executor: Executor
         if mode == "process":
@@ -160,7 +255,7 @@ class TokenizerPool:
 
     def encode(self, pairs: list[Pair], direction: str = "right") -> Encoded:
         """Tokenize on the calling thread (tests, pre-tokenizing a workload)."""
-        return _encode(self._thread_tokenizer(direction), pairs)
+        return _encode(self._thread_tokenizer(direction), pairs, self.layout)
 
     def submit(self, pairs: list[Pair], direction: str = "right") -> Future[Encoded]:
         """Tokenize on a worker; `direction` is the side over-long pairs are cut from."""

@@ -81,11 +81,24 @@ def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, 
         assert got.truncated == sum(bool(e.overflowing) for e in want) > 0
 
 
+@pytest.mark.parametrize(("device", "mode"), [("cpu", "thread"), ("cuda", "process"), ("cuda:1", "process")])
+def test_auto_tokenizer_mode_uses_processes_beside_a_cuda_model(tiny_model, device, mode):
+    cfg = compose_config([f"model_pool.instances.0.name={tiny_model}"]).tokenizer_pool
+    assert cfg.mode == "auto"
+    pool = TokenizerPool.for_model(tiny_model, 64, cfg, device)
+    try:
+        assert pool.mode == mode
+        assert pool.submit([("q", "a document")]).result(timeout=60).lengths == [6]  # [CLS] q [SEP] a document [SEP]
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("overrides", [
     [],
     ["batching.max_batch_size=5", "batching.max_batch_tokens=400"],
     ["batching.length_bucketing=false", "model_pool.workers=2", "tokenizer_pool.workers=2"],
     ["batching.enabled=false"],
+    ["tokenizer_pool.mode=process", "tokenizer_pool.workers=2"],  # ids cross processes as flat arrays
 ])
 def test_pipeline_scores_match_direct_model_call_in_order(tiny_model, tiny_overrides, overrides):
     cfg = compose_config(tiny_overrides + overrides)

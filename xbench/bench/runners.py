@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from xbench.backends.base import normalize
 from xbench.bench.load import LoadSpec, Send, Sent, generate
 from xbench.config import to_dict
 from xbench.core.model_pool import TokenCounts
@@ -39,11 +40,11 @@ class TokenizeTarget:
         self.model = resolve_model(inst.name, inst.trust_remote_code)
         tp = cfg.tokenizer_pool
         max_length = effective_max_length(self.model, inst.max_length)
-        self.pool = TokenizerPool.for_model(self.model.path, max_length, tp)
+        self.pool = TokenizerPool.for_model(self.model.path, max_length, tp, normalize(inst.backend, inst.device)[1])
         self.pool.warmup()
         self.model_info = model_info(self.model)
-        self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism), "tokenizer_mode": tp.mode,
-                       "max_length": max_length}
+        self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism),
+                       "tokenizer_mode": self.pool.mode, "max_length": max_length}
 
     def length_profile(self, workload: Workload) -> dict:
         return workload_lengths(self.pool, workload, self.params["max_length"])

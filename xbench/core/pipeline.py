@@ -62,8 +62,9 @@ class Pipeline:
         """The pipeline of model instance `instance_index` of a composed config."""
         inst = cfg.model_pool.instances[instance_index]
         model = resolve_model(inst.name, inst.trust_remote_code)
-        tokenizers = TokenizerPool.for_model(model.path, effective_max_length(model, inst.max_length), cfg.tokenizer_pool)
         backend, device = normalize(inst.backend, inst.device)
+        tokenizers = TokenizerPool.for_model(model.path, effective_max_length(model, inst.max_length),
+                                             cfg.tokenizer_pool, device)
 
         def factory(threads: int) -> Backend:
             return create_backend(inst, str(model.path), threads)

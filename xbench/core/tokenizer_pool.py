@@ -41,6 +41,20 @@ class Encoded:
     def total_tokens(self) -> int:
         return sum(len(x) for x in self.ids)
 
+    # Between processes (`mode: process`) as three flat arrays, not one pickled array per pair:
+    # the receiving side unpickles under its GIL, which the model workers need.
+    def __getstate__(self) -> dict:
+        lengths = np.fromiter(map(len, self.ids), dtype=np.int64, count=len(self.ids))
+        flat = (np.concatenate(self.ids), np.concatenate(self.type_ids)) if self.ids else (None, None)
+        return {"flat": flat, "lengths": lengths, "tokenize_s": self.tokenize_s, "truncated": self.truncated}
+
+    def __setstate__(self, state: dict) -> None:
+        ids, types = state["flat"]
+        cuts = np.cumsum(state["lengths"])[:-1]
+        self.ids = np.split(ids, cuts) if ids is not None else []
+        self.type_ids = np.split(types, cuts) if types is not None else []
+        self.tokenize_s, self.truncated = state["tokenize_s"], state["truncated"]
+
 
 def load_tokenizer(model_dir: Path, max_length: int) -> str:
     """The model's fast tokenizer, set to truncate pairs to max_length, as a JSON string
@@ -241,9 +255,14 @@ class TokenizerPool:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
 
     @classmethod
-    def for_model(cls, model_dir: Path, max_length: int, cfg: Any) -> "TokenizerPool":
-        """The pool a `tokenizer_pool` config asks for, over the model's tokenizer."""
-        return cls(load_tokenizer(model_dir, max_length), workers=cfg.workers, parallelism=cfg.parallelism, mode=cfg.mode)
+    def for_model(cls, model_dir: Path, max_length: int, cfg: Any, device: str = "cpu") -> "TokenizerPool":
+        """The pool a `tokenizer_pool` config asks for, over the model's tokenizer, for a model on
+        `device` (mode auto: processes beside a CUDA model, whose worker needs the GIL to launch
+        kernels; threads beside a CPU model, which has the cores to itself)."""
+        mode = str(cfg.mode)
+        if mode == "auto":
+            mode = "process" if str(device).startswith("cuda") else "thread"
+        return cls(load_tokenizer(model_dir, max_length), workers=cfg.workers, parallelism=cfg.parallelism, mode=mode)
 
     def _thread_tokenizer(self, direction: str) -> Tokenizer:
         toks = getattr(self._local, "toks", None)

@@ -14,7 +14,7 @@ Rounds are interleaved, so drift hits every path alike. Fidelity: Spearman of ea
 scores against transformers fp32 over every pair. Needs `pip install 'xbench[peers]'` (a peer
 that is not installed is reported as such, never silently dropped).
 
-    python benchmarks/peers.py [--pairs 256] [--rounds 2] [--lengths longtail]
+    python benchmarks/peers.py [--pairs 256] [--rounds 2] [--lengths longtail] [--only 'A,B']
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ def main(
     rounds: int = typer.Option(2, help="Interleaved rounds."),
     lengths: str = typer.Option("longtail", help="Length mix of the synthetic pairs: longtail, msmarco or fixed."),
     threads: int = typer.Option(2, help="Intra-op threads for every path."),
+    only: str = typer.Option("", help="Comma-separated paths to run (sentence-transformers fp32, the baseline, "
+                                      "always runs), e.g. 'CTranslate2 float32,xbench pytorch fp32'."),
     out: Path = typer.Option(Path("results/benchmarks/peers.json"), "--out", "-o"),
 ) -> None:
     model_dir = resolve_model("default").path
@@ -179,6 +181,13 @@ def main(
         "xbench onnx int8": ["model_pool.instances.0.backend=onnx", "model_pool.instances.0.quantization=int8"],
         "xbench ctranslate2 int8": ["model_pool.instances.0.backend=ctranslate2", "model_pool.instances.0.quantization=int8"],
     }
+    if only:
+        wanted = {name.strip() for name in only.split(",")} | {"sentence-transformers fp32"}
+        if unknown := wanted - builders.keys() - ours.keys():
+            raise typer.BadParameter(f"no such path: {', '.join(sorted(unknown))}; paths: "
+                                     f"{', '.join([*builders, *ours])}", param_hint="--only")
+        builders = {k: v for k, v in builders.items() if k in wanted}
+        ours = {k: v for k, v in ours.items() if k in wanted}
     scorers: dict[str, Scorer] = {}
     pipelines = []
     missing = {}
@@ -235,8 +244,8 @@ def main(
         if best:
             console.print(f"best xbench path at Spearman >= 0.95: {best} = "
                           f"{mine[best]['mean'] / peers[fastest_peer]['mean']:.2f}x the fastest peer ({fastest_peer})")
-        if "CTranslate2 float32" in peers:
-            fp32 = max((k for k in mine if "fp32" in k), key=lambda k: mine[k]["mean"])
+        fp32 = max((k for k in mine if "fp32" in k), key=lambda k: mine[k]["mean"], default=None)
+        if "CTranslate2 float32" in peers and fp32:
             console.print(f"best xbench fp32 path: {fp32} = {mine[fp32]['mean'] / peers['CTranslate2 float32']['mean']:.2f}x "
                           "CTranslate2 float32")
     write_json(out, {"env": environment(), "pairs": pairs, "batch": batch, "rounds": rounds, "lengths": lengths,

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # per-token and attention terms (short wide, long narrow, and square-ish batches).
 CALIBRATION_SHAPES = ((1, 16), (8, 16), (1, 128), (32, 16), (8, 64), (2, 256), (16, 128), (2, 512))
 CALIBRATION_BUDGET_S = 20.0  # stop adding shapes past this (slow precisions on a CPU)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the packed last layer runs on first tokens only (cheaper per token)
 
 
 @dataclass(frozen=True)

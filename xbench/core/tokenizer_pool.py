@@ -110,14 +110,17 @@ class PairLayout:
         q, d = (tok.encode(t, add_special_tokens=False) for t in probes[0])
         joined = tok.post_process(q, d, add_special_tokens=True)
         ids, types, nq, nd = joined.ids, joined.type_ids, len(q.ids), len(d.ids)
-        for h in range(len(ids) - nq - nd + 1):
+
+        def part(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+            return np.asarray(ids[a:b], dtype=np.int32), np.asarray(types[a:b], dtype=np.int32)
+
+        for h in range(len(ids) - nq - nd + 1):  # where the query starts, then the document
             if ids[h:h + nq] != q.ids:
                 continue
             for m in range(len(ids) - h - nq - nd + 1):
                 s = h + nq + m
                 if ids[s:s + nd] != d.ids:
                     continue
-                part = lambda a, b: (np.asarray(ids[a:b], dtype=np.int32), np.asarray(types[a:b], dtype=np.int32))  # noqa: E731
                 layout = cls(part(0, h), part(h + nq, s), part(s + nd, len(ids)),
                              types[h] if nq else 0, types[s] if nd else 0)
                 if all(layout._agrees(tok, *probe) for probe in probes):

@@ -221,12 +221,11 @@ _process_layout: PairLayout | None = None
 _process_tokenizers: dict[str, Tokenizer] = {}
 
 
-def _process_init(tokenizer_json: str, parallelism: bool) -> None:
+def _process_init(tokenizer_json: str, parallelism: bool, layout: PairLayout | None) -> None:
     global _process_json, _process_layout
     set_parallelism(parallelism)
-    _process_json = tokenizer_json
+    _process_json, _process_layout = tokenizer_json, layout
     _process_tokenizers["right"] = build_tokenizer(tokenizer_json)
-    _process_layout = PairLayout.learn(_process_tokenizers["right"])
 
 
 def _process_encode(pairs: list[Pair], direction: str) -> Encoded:
@@ -241,9 +240,10 @@ class TokenizerPool:
         self.parallelism = parallelism
         self.mode = mode
         self.tokenizer_json = tokenizer_json
-        self.max_length = int(Tokenizer.from_str(tokenizer_json).truncation["max_length"])
+        probe = build_tokenizer(tokenizer_json)
+        self.max_length = int(probe.truncation["max_length"])
+        self.layout = PairLayout.learn(probe)  # learned once; worker processes receive it
         set_parallelism(parallelism)
-        self.layout = PairLayout.learn(build_tokenizer(tokenizer_json))
         self._local = threading.local()
         self._executor: Executor
         if mode == "process":
@@ -252,7 +252,7 @@ class TokenizerPool:
             # spawn: forking a process that already ran rayon threads can deadlock.
             self._executor = ProcessPoolExecutor(
                 workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
-                initargs=(tokenizer_json, parallelism),
+                initargs=(tokenizer_json, parallelism, self.layout),
             )
         else:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")

@@ -74,9 +74,15 @@ def test_two_generators_merge_into_the_sum_of_their_parts(server, tmp_path):
     assert doc["summary"]["requests"] == sum(p["summary"]["requests"] for p in parts) > 0
     assert doc["summary"]["pairs"] == sum(p["summary"]["pairs"] for p in parts)
     assert doc["http_status"] == {"200": doc["summary"]["requests"]}
-    for key in ("p50", "p99"):
-        values = [p["latency_ms"][key] for p in parts]
-        assert min(values) * 0.99 <= doc["latency_ms"][key] <= max(values) * 1.01
+    # Percentiles interpolate between order statistics, so a merged one cannot fall below the
+    # lowest part's, but may rise above the highest part's up to the next order statistic: two
+    # parts of 101 requests, each with one stall, have p99s at their second-slowest request while
+    # the merged p99 (202 requests) lies 99% of the way to a stall. So the bound above is the
+    # parts' next percentile up (a bound for p50 once a part holds 3 requests) or their maximum
+    # (HdrHistogram reports a bucket's top value: up to 0.1% high).
+    lat = [p["latency_ms"] for p in parts]
+    assert min(x["p50"] for x in lat) * 0.999 <= doc["latency_ms"]["p50"] <= max(x["p90"] for x in lat) * 1.002
+    assert min(x["p99"] for x in lat) * 0.999 <= doc["latency_ms"]["p99"] <= max(x["max"] for x in lat) * 1.002
     assert doc["params"]["generators"] == 2 and "2 generators" in proc.stdout
 
 
@@ -84,13 +90,14 @@ def test_at_low_load_two_generators_measure_what_one_does(server, tmp_path):
     docs = {}
     for n in (1, 2):
         out = tmp_path / f"g{n}.json"
-        proc = load(server.url, "--generators", str(n), "-b", "4", "--rate", "8", "-d", "3", "--warmup", "0.5",
-                    "experiment.max_duration_s=3", "-o", str(out))
+        proc = load(server.url, "--generators", str(n), "-b", "4", "--rate", "16", "-d", "4", "--warmup", "0.5",
+                    "experiment.max_duration_s=4", "-o", str(out))
         assert proc.returncode == 0, proc.stderr
         docs[n] = json.loads(out.read_text())
     one, two = docs[1], docs[2]
     assert two["summary"]["pairs_per_s"] == pytest.approx(one["summary"]["pairs_per_s"], rel=0.4)
-    # within this VM's run-to-run noise on the tiny model (p50 moves up to ~1.6x between identical runs)
+    # within this VM's run-to-run noise on the tiny model (p50 moves up to ~2x between identical
+    # runs of ~25 requests; these hold ~64)
     assert two["latency_ms"]["p50"] == pytest.approx(one["latency_ms"]["p50"], rel=1.0)
     assert two["summary"]["errors"] == one["summary"]["errors"] == 0
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from test_pipeline import reference_logits  # noqa: E402
 from xbench.serve.process import free_port  # noqa: E402
 
 RAY = Path(sys.executable).with_name("ray")
-FAST = ["experiment.duration_s=0.6", "experiment.warmup_s=0.1"]
+FAST = ["experiment.duration_s=0.6", "experiment.warmup_s=0.1", "experiment.max_duration_s=1.5"]  # the experiment allows 90 s
 DOCS = ["paris is the capital and largest city of france", "bananas are yellow", "the eiffel tower is in paris"]
 
 
@@ -148,22 +149,31 @@ def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one
 
         assert len(replicas()) == 2
         long_docs = [f"{d} " + "word " * 50 for d in DOCS] * 200  # a few seconds each on 2 cores
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # requests in flight while it dies
-            in_flight = [pool.submit(httpx.post, url + "/v1/rerank", json={"query": "q", "documents": long_docs},
-                                     timeout=120) for _ in range(4)]
+        killed = threading.Event()
+
+        def client() -> list[httpx.Response]:  # sends until the kill, so a replica is never idle before it
+            answers = []
+            while not killed.is_set():
+                answers.append(httpx.post(url + "/v1/rerank", json={"query": "q", "documents": long_docs}, timeout=120))
+            return answers
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client) for _ in range(4)]
             busy: list[str] = []
 
             def one_is_busy() -> bool:
-                busy[:] = [r for r, n in replica_metric(targets, "xbench_requests_in_flight").items() if n > 0]
+                in_flight = replica_metric(targets, "xbench_requests_in_flight")
+                busy[:] = sorted((r for r, n in in_flight.items() if n > 0), key=in_flight.get, reverse=True)
                 return bool(busy)
 
             wait_for(one_is_busy, 30, "a replica with requests in flight")
             victim = next(name for name in replicas() if name.endswith("#" + busy[0]))
             ray.kill(ray.get_actor(victim, namespace="serve"))
+            killed.set()
             # Every request gets an answer, none hangs: those on the killed replica a 503 in
             # Cohere's error shape with Retry-After (Ray's proxy alone would say 500 in plain
             # text), the rest are answered by the survivor.
-            answers = [f.result() for f in in_flight]
+            answers = [r for c in clients for r in c.result()]
         assert {r.status_code for r in answers} <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers]
         lost = [r for r in answers if r.status_code == 503]
         assert lost, "no request was in flight on the killed replica"

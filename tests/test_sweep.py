@@ -11,7 +11,7 @@ import pytest
 
 from xbench.results.compare import compare
 
-FAST = ["experiment.duration_s=0.6", "experiment.warmup_s=0.1"]
+FAST = ["experiment.duration_s=0.6", "experiment.warmup_s=0.1", "experiment.max_duration_s=1.5"]  # the experiment allows 90 s
 
 
 def xbench(*args, cwd):
@@ -146,7 +146,7 @@ def test_ctrl_c_keeps_finished_points_and_writes_the_report(tmp_path, tiny_overr
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "xbench", "sweep", "09_concurrency", *tiny_overrides,
-                             "experiment.duration_s=1", "experiment.warmup_s=0", "experiment.batch_sizes=[4]",
+                             "experiment.duration_s=1", "experiment.max_duration_s=2", "experiment.warmup_s=0", "experiment.batch_sizes=[4]",
                              "experiment.concurrency_levels=[1,2,3,4,5,6]"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -194,21 +194,6 @@ def test_report_exports_csv_json_and_markdown(two_point_sweep, tmp_path):
     assert bad.returncode == 2 and "--format 'xlsx'" in bad.stderr and "csv" in bad.stderr
     empty = xbench("report", str(tmp_path / "nothing"), cwd=cwd)
     assert empty.returncode == 2 and "no result documents" in empty.stderr
-
-
-@pytest.mark.slow
-def test_compare_calls_the_same_config_measured_twice_inconclusive(tmp_path):
-    """The demo's pipeline point on the default model, twice back to back: the 95% intervals must
-    hold the run-to-run difference (on this 2-core VM pairs/s moves ~10% between runs and p99 up
-    to 40%, more than a bootstrap over one run's requests admits)."""
-    for name in ("a", "b"):
-        proc = xbench("pipeline-bench", "-b", "16", "-c", "4", "-d", "9", "experiment.windows=3", "--warmup", "2",
-                      "-o", str(tmp_path / name), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-    (row,) = compare(tmp_path / "a", tmp_path / "b", threshold=0.15)
-    assert row["inconclusive"] and not row["regression"] and not row["improvement"], row
-    proc = xbench("compare", str(tmp_path / "a"), str(tmp_path / "b"), cwd=tmp_path)
-    assert proc.returncode == 0 and "inconclusive" in proc.stdout
 
 
 def test_an_unconverged_point_is_explained():

@@ -40,7 +40,7 @@ study: install
 	$(VENV)/bin/xbench sweep --all
 	$(VENV)/bin/xbench plot "$$(ls -d results/study/*/ | tail -n 1)" -o plots
 
-# The suite on tiny models and the real server (about 9 minutes on 2 cores) ...
+# The suite on tiny models and the real server (about 8 minutes on 2 cores) ...
 test: install
 	$(PY) -m pytest -q -m "not slow"
 

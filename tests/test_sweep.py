@@ -146,8 +146,8 @@ def test_ctrl_c_keeps_finished_points_and_writes_the_report(tmp_path, tiny_overr
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "xbench", "sweep", "09_concurrency", *tiny_overrides,
-                             "experiment.duration_s=1", "experiment.max_duration_s=2", "experiment.warmup_s=0", "experiment.batch_sizes=[4]",
-                             "experiment.concurrency_levels=[1,2,3,4,5,6]"],
+                             "experiment.duration_s=1", "experiment.max_duration_s=2", "experiment.warmup_s=0",
+                             "experiment.batch_sizes=[4]", "experiment.concurrency_levels=[1,2,3,4,5,6]"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "results").rglob("*.json")):

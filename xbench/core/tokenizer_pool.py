@@ -240,10 +240,10 @@ class TokenizerPool:
         self.parallelism = parallelism
         self.mode = mode
         self.tokenizer_json = tokenizer_json
+        set_parallelism(parallelism)  # before this process's first encode
         probe = build_tokenizer(tokenizer_json)
         self.max_length = int(probe.truncation["max_length"])
         self.layout = PairLayout.learn(probe)  # learned once; worker processes receive it
-        set_parallelism(parallelism)
         self._local = threading.local()
         self._executor: Executor
         if mode == "process":

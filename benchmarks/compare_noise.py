@@ -19,7 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xbench.results.compare import compare
+from xbench.results.compare import compare, verdict
+
+THRESHOLD = 0.15  # xbench compare's default floor
 
 app = typer.Typer(add_completion=False)
 
@@ -36,18 +38,16 @@ def main(runs: int = typer.Option(4, help="Back-to-back runs (compared pairwise:
         subprocess.run([sys.executable, "-m", "xbench", "pipeline-bench", "-b", "16", "-c", "4", "-d", str(duration),
                         "experiment.windows=3", "--warmup", "2", "-o", str(folder)], check=True)
         folders.append(folder)
-    table = Table(title=f"{runs} back-to-back runs of one config, each compared with the next (±15%, 95% intervals)")
+    table = Table(title=f"{runs} back-to-back runs of one config, each compared with the next (±{THRESHOLD:.0%}, 95% intervals)")
     for col in ("pair", "pairs/s", "B/A", "p99 ms", "B/A ", "verdict"):
         table.add_column(col, justify="left" if col in ("pair", "verdict") else "right")
     alarms = 0
     for k, (a, b) in enumerate(zip(folders, folders[1:])):
-        (row,) = compare(a, b, threshold=0.15)
-        verdict = "regression" if row["regression"] else "improvement" if row["improvement"] else \
-            "inconclusive" if row["inconclusive"] else "below threshold"
+        (row,) = compare(a, b, threshold=THRESHOLD)
         alarms += row["regression"] or row["improvement"]
         table.add_row(f"{k + 1} -> {k + 2}", f"{row['a_pairs_per_s']:.1f} -> {row['b_pairs_per_s']:.1f}",
                       f"{row['pairs_ratio']:.2f}", f"{row['a_p99_ms']:.0f} -> {row['b_p99_ms']:.0f}",
-                      f"{row['p99_ratio']:.2f}", verdict)
+                      f"{row['p99_ratio']:.2f}", verdict(row, THRESHOLD))
     console.print(table)
     console.print(f"false alarms: {alarms} of {runs - 1} comparisons of identical configs")
 

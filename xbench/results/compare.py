@@ -76,9 +76,14 @@ def render(rows: list[dict], a: Path, b: Path, threshold: float) -> Table:
     for col in ("point", "pairs/s A", "pairs/s B", "B/A", "p99 A", "p99 B", "B/A ", "verdict"):
         t.add_column(col, justify="left" if col in ("point", "verdict") else "right")
     for r in rows:
-        verdict = ("[red]regression[/]" if r["regression"] else "[green]improvement[/]" if r["improvement"]
-                   else "[yellow]inconclusive[/] (intervals overlap)" if r["inconclusive"]
-                   else f"below the ±{threshold:.0%} threshold")
         t.add_row(r["point"], f"{r['a_pairs_per_s']:.1f}", f"{r['b_pairs_per_s']:.1f}", f"{r['pairs_ratio']:.2f}",
-                  f"{r['a_p99_ms'] or 0:.0f}ms", f"{r['b_p99_ms'] or 0:.0f}ms", f"{r['p99_ratio']:.2f}", verdict)
+                  f"{r['a_p99_ms'] or 0:.0f}ms", f"{r['b_p99_ms'] or 0:.0f}ms", f"{r['p99_ratio']:.2f}",
+                  verdict(r, threshold))
     return t
+
+
+def verdict(row: dict, threshold: float) -> str:
+    """One compared point's verdict, with rich markup."""
+    return ("[red]regression[/]" if row["regression"] else "[green]improvement[/]" if row["improvement"]
+            else "[yellow]inconclusive[/] (intervals overlap)" if row["inconclusive"]
+            else f"below the ±{threshold:.0%} threshold")

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable
 
 import numpy as np
@@ -139,6 +140,8 @@ class Batcher:
         self._planned: list[list[QueuedPair]] = []  # cut, not yet taken; oldest pair's batch first
         self._incoming = 0  # reservations: jobs being tokenized, whose pairs will arrive soon
         self._arrivals = 0
+        self._gone_jobs = 0  # queued jobs that went away (cancelled, failed) ...
+        self._gone_dropped = 0  # ... and how many of them the queues were last cleared of
         self._closed = False
         self._cond = threading.Condition()  # re-entrant: a reservation may be released under it
 
@@ -155,9 +158,16 @@ class Batcher:
         with self._cond:
             first = self._arrivals
             self._arrivals += len(job.encoded.ids)
-            self._pending.extend(QueuedPair(job, i, n, first + i) for i, n in enumerate(job.encoded.lengths))
+            self._pending.extend(map(QueuedPair, [job] * len(job.encoded.ids), range(len(job.encoded.ids)),
+                                     job.encoded.lengths, range(first, self._arrivals)))
             job.release_reservation()
             self._cond.notify_all()
+        job.add_done_callback(self._job_ended)
+
+    def _job_ended(self, job: RerankJob) -> None:
+        if job.gone:
+            with self._cond:
+                self._gone_jobs += 1
 
     @property
     def idle(self) -> bool:
@@ -177,10 +187,9 @@ class Batcher:
         if members is None:
             return None
         # Padding happens outside the lock, on the worker's thread.
-        input_ids, mask, types = collate(
-            [m.job.encoded.ids[m.index] for m in members],  # type: ignore[union-attr]
-            [m.job.encoded.type_ids[m.index] for m in members],  # type: ignore[union-attr]
-        )
+        encoded = [m.job.encoded for m in members]
+        rows = list(map(_INDEX, members))
+        input_ids, mask, types = collate(list(map(_ids, encoded, rows)), list(map(_type_ids, encoded, rows)))
         return ModelBatch(input_ids, mask, types, members)
 
     def _next_members(self) -> list[QueuedPair] | None:
@@ -222,7 +231,11 @@ class Batcher:
             )
 
     def _drop_gone(self) -> None:
-        """Jobs whose caller went away (or that failed) cost no compute."""
+        """Jobs whose caller went away (or that failed) cost no compute. The queues are scanned
+        only when a queued job has gone since the last scan: a scan costs Python work per pair."""
+        if self._gone_jobs == self._gone_dropped:
+            return
+        self._gone_dropped = self._gone_jobs
         if any(p.job.gone for p in self._pending):
             self._pending = deque(p for p in self._pending if not p.job.gone)
         if any(p.job.gone for b in self._planned for p in b):
@@ -239,10 +252,23 @@ class Batcher:
         window = [p for b in self._planned for p in b]
         room = max(0, self.max_batch_size * PLAN_WINDOW_BATCHES - len(window))
         window += [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-        window.sort(key=lambda p: p.seq)
+        window.sort(key=_SEQ)
         self._planned = self._cut(window)
 
     def _cut(self, window: list[QueuedPair]) -> list[list[QueuedPair]]:
-        cuts = plan_batches([p.length for p in window], self.max_batch_size, self.max_batch_tokens,
+        """Cut arrival-ordered pairs into batches, the batch holding the oldest pair first."""
+        cuts = plan_batches(list(map(_LENGTH, window)), self.max_batch_size, self.max_batch_tokens,
                             self.bucketing, self.cost)
-        return sorted(([window[i] for i in idx] for idx in cuts), key=lambda b: min(p.seq for p in b))
+        cuts.sort(key=min)  # positions in `window` are arrival order
+        return [list(map(window.__getitem__, idx)) for idx in cuts]
+
+
+_SEQ, _LENGTH, _INDEX = attrgetter("seq"), attrgetter("length"), attrgetter("index")
+
+
+def _ids(encoded: Encoded, row: int) -> np.ndarray:
+    return encoded.ids[row]
+
+
+def _type_ids(encoded: Encoded, row: int) -> np.ndarray:
+    return encoded.type_ids[row]

@@ -81,27 +81,33 @@ def plan(lengths: Sequence[int], cost: CostModel, max_rows: int, max_padded_toke
     squares = np.concatenate(([0.0], np.cumsum(s * s)))
     step = max(1, max_rows // 32)
     points = np.unique(np.append(np.arange(0, n, step), n))  # candidate cut positions, 0 .. n
-    best = np.zeros(len(points))
-    start = np.zeros(len(points), dtype=np.int64)  # index into points where the last batch begins
-    for t in range(1, len(points)):
-        j = points[t]
-        longest = s[j - 1]
-        k_max = min(max_rows, max(1, int(max_padded_tokens // max(longest, 1))))
-        first = max(int(np.searchsorted(points, j - k_max)), 0)
-        if first >= t:  # the step is wider than the caps allow: the nearest cut still runs
-            first = t - 1
-        i = points[first:t]
-        rows = j - i
-        tokens = prefix[j] - prefix[i] if cost.packed else rows * longest
-        attention = squares[j] - squares[i] if cost.varlen_attention else rows * longest * longest
-        total = best[first:t] + cost.overhead_s + cost.per_token_s * tokens + cost.per_attention_s * attention
-        k = int(np.argmin(total))
-        best[t], start[t] = total[k], first + k
+    # Every batch's cost does not depend on the cuts before it, so all of them are priced at once:
+    # row t holds the batches ending at points[t] and starting at points[first[t] + c].
+    ends = points[1:]
+    longest = s[ends - 1]
+    k_max = np.minimum(max_rows, np.maximum(1, max_padded_tokens // np.maximum(longest, 1))).astype(np.int64)
+    t_all = np.arange(1, len(points))
+    # a step wider than the caps allow: the nearest cut still runs
+    first = np.minimum(np.searchsorted(points, ends - k_max), t_all - 1)
+    width = int((t_all - first).max())
+    begin = np.minimum(first[:, None] + np.arange(width), t_all[:, None] - 1)  # clipped: never chosen
+    i = points[begin]
+    rows = ends[:, None] - i
+    tokens = prefix[ends][:, None] - prefix[i] if cost.packed else rows * longest[:, None]
+    attention = (squares[ends][:, None] - squares[i] if cost.varlen_attention
+                 else rows * (longest * longest)[:, None])
+    price = (cost.overhead_s + cost.per_token_s * tokens + cost.per_attention_s * attention).tolist()
+    best = [0.0] * len(points)
+    start = [0] * len(points)  # index into points where the last batch begins
+    for t, lo, row in zip(t_all.tolist(), first.tolist(), price):
+        total = [b + c for b, c in zip(best[lo:t], row)]
+        k = total.index(min(total))
+        best[t], start[t] = total[k], lo + k
     cuts: list[list[int]] = []
     t = len(points) - 1
     while t > 0:
         cuts.append(order[points[start[t]]:points[t]].tolist())
-        t = int(start[t])
+        t = start[t]
     return cuts[::-1]
 
 

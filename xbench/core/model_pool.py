@@ -12,6 +12,7 @@ can state its padding efficiency.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -138,12 +139,12 @@ class ModelPool:
         if self._observe:
             self._observe(batch, elapsed)
         # Group rows by job so each job takes its lock once per batch.
-        by_job: dict[int, tuple[Any, list[int], list[int]]] = {}
+        by_job: dict[Any, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
         for row, m in enumerate(batch.members):
-            entry = by_job.setdefault(id(m.job), (m.job, [], []))
-            entry[1].append(m.index)
-            entry[2].append(row)
-        for job, indices, rows in by_job.values():
+            indices, rows = by_job[m.job]
+            indices.append(m.index)
+            rows.append(row)
+        for job, (indices, rows) in by_job.items():
             job.deliver(indices, logits[rows], start)
 
     def token_counts(self) -> TokenCounts:

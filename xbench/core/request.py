@@ -112,8 +112,7 @@ class RerankJob:
             self._logits[indices] = logits
             self._remaining -= len(indices)
             if self.backlog is not None:
-                ids = self.encoded.ids  # type: ignore[union-attr]
-                self._owe(-sum(len(ids[i]) for i in indices))
+                self._owe(-sum(map(self.encoded.lengths.__getitem__, indices)))  # type: ignore[union-attr]
             if self._first_infer is None or infer_start < self._first_infer:
                 self._first_infer = infer_start
             finished = self._remaining == 0

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,35 @@ class Encoded:
     tokenize_s: float = 0.0  # time spent inside the tokenizer
     truncated: int = 0  # pairs cut to max_length
 
-    @property
+    # Read per pair by the batcher and the jobs: worked out once (an Encoded is never changed).
+    @cached_property
     def lengths(self) -> list[int]:
-        return [len(x) for x in self.ids]
+        return list(map(len, self.ids))
 
-    @property
+    @cached_property
     def total_tokens(self) -> int:
-        return sum(len(x) for x in self.ids)
+        return sum(self.lengths)
 
     # Between processes (`mode: process`) as three flat arrays, not one pickled array per pair:
     # the receiving side unpickles under its GIL, which the model workers need.
     def __getstate__(self) -> dict:
-        lengths = np.fromiter(map(len, self.ids), dtype=np.int64, count=len(self.ids))
+        lengths = np.asarray(self.lengths, dtype=np.int64)
         flat = (np.concatenate(self.ids), np.concatenate(self.type_ids)) if self.ids else (None, None)
         return {"flat": flat, "lengths": lengths, "tokenize_s": self.tokenize_s, "truncated": self.truncated}
 
     def __setstate__(self, state: dict) -> None:
         ids, types = state["flat"]
-        cuts = np.cumsum(state["lengths"])[:-1]
-        self.ids = np.split(ids, cuts) if ids is not None else []
-        self.type_ids = np.split(types, cuts) if types is not None else []
+        ends = np.cumsum(state["lengths"])
+        self.ids = split_at(ids, ends) if ids is not None else []
+        self.type_ids = split_at(types, ends) if types is not None else []
         self.tokenize_s, self.truncated = state["tokenize_s"], state["truncated"]
+        self.__dict__["lengths"] = state["lengths"].tolist()
+
+
+def split_at(flat: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+    """`flat` cut into runs ending at `ends` (np.split's result, at a fifth of its per-piece cost)."""
+    bounds = ends.tolist()
+    return list(map(flat.__getitem__, map(slice, [0, *bounds[:-1]], bounds)))
 
 
 def load_tokenizer(model_dir: Path, max_length: int) -> str:
@@ -164,7 +173,7 @@ class PairLayout:
         ids[to], types[to] = flat_docs[first_kept[rows] + within], self.document_type
         tail_at = (starts + len(lead_ids) + keep)[:, None] + np.arange(len(tail_ids))
         ids[tail_at], types[tail_at] = tail_ids, tail_types
-        return np.split(ids, ends[:-1]), np.split(types, ends[:-1]), int((keep < doc_len).sum())
+        return split_at(ids, ends), split_at(types, ends), int((keep < doc_len).sum())
 
 
 def _encode(tok: Tokenizer, pairs: list[Pair], layout: PairLayout | None = None) -> Encoded:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_backends import tiny_encoder
+from xbench.backends.base import relevance
 from xbench.backends.packed import Packing
 from xbench.backends.torch_backend import TorchBackend
 from xbench.config import BatchingConfig, compose_config
@@ -63,6 +64,60 @@ def test_packed_default_model_matches_padded_in_fp32_and_int8_ranks_hold():
     assert spearmanr(int8, ref).statistic >= 0.9
 
 
+@pytest.mark.parametrize("kind", ["bert", "xlm-roberta", "distilbert", "electra"])
+def test_bucketed_packed_inputs_of_cuda_graphs_score_as_the_padded_model(kind, tmp_path, tiny_model):
+    """The CUDA-graph path's host side on the CPU: real tokens packed in numpy with their positions,
+    rounded up to a bucket whose spare tokens form spare pairs, and attention per pair by offsets
+    (an SDPA loop standing in for flash attention). Only the real pairs' scores come back, and
+    they are the padded model's."""
+    from xbench.backends.cuda_graphs import BucketedInputs, GraphedEncoder
+
+    model_dir = tiny_model if kind == "bert" else write_tiny_model(tmp_path / kind, tiny_encoder(kind))
+    batches = mixed_batches(model_dir)
+    if kind == "xlm-roberta":
+        batches = [(ids, mask, np.zeros_like(types)) for ids, mask, types in batches]
+    padded = TorchBackend(str(model_dir), "cpu", "fp32", threads=2, packed=False)
+    packed = TorchBackend(str(model_dir), "cpu", "fp32", threads=2, packed=True)
+    graphed = GraphedEncoder(packed.model, torch.device("cpu"), packed.max_positions(packed.model), capture=False)
+    spare = [BucketedInputs(*b, 0, 512) for b in batches]
+    assert any(s.shape.tokens > s.tokens and s.shape.rows > s.rows for s in spare)  # spare pairs in play
+    ref = np.concatenate([padded.forward(*b) for b in batches])
+    got = np.concatenate([relevance(graphed.forward(*b).numpy()) for b in batches])
+    assert np.abs(got - ref).max() <= 1e-4 and graphed.eager_runs == len(batches)
+
+
+def test_bucketed_inputs_lay_out_spare_pairs_within_the_attention_length():
+    from xbench.backends.cuda_graphs import BucketedInputs, token_bucket
+
+    lengths = [7, 3, 50, 1]
+    mask = (np.arange(50)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    ids = np.where(mask, np.arange(1, 51)[None, :] * 10 + np.arange(4)[:, None], 0)
+    b = BucketedInputs(ids, mask, np.zeros_like(ids), position_offset=2, max_longest=512)
+    tokens, rows, longest = b.shape.tokens, b.shape.rows, b.shape.longest
+    assert (tokens, longest) == (token_bucket(61), 64) and tokens >= 61 and rows % 16 == 0
+    ids_v, types_v, pos_v, offsets, first = b.views(b.buffer)
+    assert ids_v[:61].tolist() == ids[mask.astype(bool)].tolist()
+    assert pos_v[:7].tolist() == list(range(2, 9)) and pos_v[7:10].tolist() == [2, 3, 4]
+    assert offsets[:5].tolist() == [0, 7, 10, 60, 61] and offsets[-1] == tokens
+    assert (np.diff(offsets) <= longest).all() and (np.diff(offsets) >= 0).all()
+    assert first[:4].tolist() == [0, 7, 10, 60]
+    assert [token_bucket(n) for n in (1, 256, 257, 4000, 4097, 9000)] == [256, 256, 512, 4096, 4352, 9216]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_eager_packed_scores():
+    model_dir = resolve_model("default").path
+    batches = mixed_batches(model_dir, n=64, rows=32)
+    eager = TorchBackend(str(model_dir), "cuda", "fp16", threads=2, cuda_graphs=False)
+    graphed = TorchBackend(str(model_dir), "cuda", "fp16", threads=2)
+    assert graphed.graphed is not None and eager.graphed is None
+    ref = np.concatenate([eager.forward(*b) for b in batches])
+    for _ in range(2):  # captured, then replayed
+        got = np.concatenate([graphed.forward(*b) for b in batches])
+        assert np.abs(got - ref).max() <= 2e-2
+    assert graphed.describe()["replays"] >= len(batches)
+
+
 def test_packing_gathers_real_tokens_and_restores_the_layout():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     p = Packing.of(mask)
@@ -86,6 +141,15 @@ def test_cpu_attention_runs_per_group_of_similar_lengths():
 def test_packed_is_refused_by_name_on_backends_that_pad():
     with pytest.raises(ConfigError, match=r"packed=true: backend 'onnx' runs padded batches only.*pytorch"):
         compose_config(["model_pool.instances.0.backend=onnx", "model_pool.instances.0.packed=true"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model_pool.instances.0.backend=onnx"], r"cuda_graphs=true: backend 'onnx' has no CUDA graph path; pytorch has"),
+    ([], r"model_pool.instances.0.cuda_graphs=true needs device=cuda.*got device='cpu', quantization='fp32'"),
+])
+def test_cuda_graphs_are_refused_by_name_where_they_cannot_run(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config([*overrides, "model_pool.instances.0.cuda_graphs=true"])
 
 
 # -- the cost model ---------------------------------------------------------------------------

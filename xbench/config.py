@@ -61,6 +61,9 @@ class ModelInstanceConfig:
     # Packed execution (dense layers on real tokens only): null = the backend's default (on for
     # pytorch where the architecture allows it), true/false to force it.
     packed: Optional[bool] = None
+    # CUDA graphs (pytorch, packed, CUDA, fp16/bf16): each batch shape bucket is captured once and
+    # replayed, so launching kernels no longer holds the host. null = on wherever it runs.
+    cuda_graphs: Optional[bool] = None
 
 
 @dataclass

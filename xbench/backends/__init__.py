@@ -19,9 +19,10 @@ register(BackendSpec(
     devices=("cpu", "cuda", "mps"),
     requires=("torch", "transformers"),
     summary="PyTorch eager, packed (dense layers on real tokens only), SDPA attention; int8 = dynamic, "
-            "per-channel weights; int4 = weight-only, groups of 32 (CPU)",
+            "per-channel weights; int4 = weight-only, groups of 32 (CPU); CUDA graphs at fp16/bf16 on CUDA",
     limits=(("int8", ("cpu",)), ("int4", ("cpu",))),
     packs=True,
+    graphs=True,
 ))
 register(BackendSpec(
     name="compiled",

@@ -55,6 +55,7 @@ class BackendSpec:
     # precision -> the only devices it runs on (e.g. fp16 ONNX needs the CUDA provider)
     limits: tuple[tuple[str, tuple[str, ...]], ...] = ()
     packs: bool = False  # can run packed (unpadded) batches: takes `packed`
+    graphs: bool = False  # can replay its CUDA forward as CUDA graphs: takes `cuda_graphs`
 
     def supports(self, precision: str, device: str) -> bool:
         allowed = dict(self.limits).get(precision)
@@ -130,6 +131,14 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
         packing = ", ".join(n for n, s in REGISTRY.items() if s.packs)
         raise ConfigError(f"{key}.packed=true: backend {backend!r} runs padded batches only; packed execution is "
                           f"in {packing}")
+    if getattr(inst, "cuda_graphs", None):
+        if not spec.graphs:
+            graphing = ", ".join(n for n, s in REGISTRY.items() if s.graphs)
+            raise ConfigError(f"{key}.cuda_graphs=true: backend {backend!r} has no CUDA graph path; {graphing} has")
+        if device != "cuda" or inst.quantization not in ("fp16", "bf16") or getattr(inst, "packed", None) is False:
+            raise ConfigError(f"{key}.cuda_graphs=true needs device=cuda, quantization fp16 or bf16 and packed "
+                              f"execution (got device={device!r}, quantization={inst.quantization!r}, "
+                              f"packed={getattr(inst, 'packed', None)})")
     present = available_devices() if device in ("cuda", "mps") else ["cpu"]
     if device not in present:
         raise ConfigError(f"{key}.device={device!r} is not present on this machine; available: {', '.join(available_devices())}")
@@ -139,6 +148,8 @@ def create_backend(inst: Any, model_dir: str, threads: int) -> Backend:
     backend, device = normalize(inst.backend, inst.device)
     spec = REGISTRY[backend]
     cls = spec.load_class()
-    packing = {"packed": getattr(inst, "packed", None)} if spec.packs else {}
+    options = {"packed": getattr(inst, "packed", None)} if spec.packs else {}
+    if spec.graphs:
+        options["cuda_graphs"] = getattr(inst, "cuda_graphs", None)
     return cls(model_dir=model_dir, device=device, precision=inst.quantization, threads=threads,
-               trust_remote_code=bool(getattr(inst, "trust_remote_code", False)), **packing)
+               trust_remote_code=bool(getattr(inst, "trust_remote_code", False)), **options)

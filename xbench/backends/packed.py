@@ -30,6 +30,8 @@ from torch import nn
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 SUPPORTED = (*BERT_LIKE, "distilbert")
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions count from the padding id + 1
+HALF = (torch.float16, torch.bfloat16)  # what flash attention runs
 
 
 # What one SDPA call costs beyond its work, in units of attention work (rows x length^2): about
@@ -59,19 +61,28 @@ class Packing:
     cu_seqlens: torch.Tensor  # int32 [rows + 1]: offsets of each pair in the packed tokens
     first: torch.Tensor  # packed position of each pair's first token  [rows]
     groups: list[AttentionGroup] | None = None  # CPU attention groups (None: one padded call)
+    # Attention straight on the packed tokens, each pair by its offsets (flash attention's
+    # variable-length kernel on CUDA): no padded layout, so `index` and `key_mask` go unused.
+    varlen: bool = False
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor, grouped: bool = False) -> "Packing":
+    def of(cls, attention_mask: torch.Tensor, grouped: bool = False, varlen: bool = False) -> "Packing":
         rows, longest = attention_mask.shape
         mask = attention_mask.bool()
         lengths = mask.sum(1)
         cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
         full = bool(mask.all())
         index = torch.arange(rows * longest, device=mask.device) if full else mask.reshape(-1).nonzero().squeeze(1)
-        packing = cls(rows, longest, index, None if full else mask[:, None, None, :], cu, cu[:-1].long())
-        if grouped and not full:
+        packing = cls(rows, longest, index, None if full else mask[:, None, None, :], cu, cu[:-1].long(),
+                      varlen=varlen)
+        if grouped and not full and not varlen:
             packing.groups = attention_groups(lengths.tolist(), cu.tolist(), mask.device)
         return packing
+
+    @classmethod
+    def of_offsets(cls, cu_seqlens: torch.Tensor, first: torch.Tensor, longest: int) -> "Packing":
+        """A variable-length packing from pair offsets alone (no host sync: CUDA graphs)."""
+        return cls(len(first), longest, None, None, cu_seqlens, first, varlen=True)  # type: ignore[arg-type]
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[rows, longest, ...] -> [tokens, ...]"""
@@ -117,11 +128,10 @@ def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     tokens, width = qkv.shape
     hidden = width // 3
     head_dim = hidden // heads
-    if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None:
+    if packing.varlen:
         q, k, v = (t.contiguous() for t in qkv.view(tokens, 3, heads, head_dim).unbind(1))
-        longest = packing.longest
-        out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, longest, longest)
-        return out.reshape(tokens, hidden)
+        cu, longest = packing.cu_seqlens, packing.longest
+        return varlen_attention(q, k, v, cu, cu, longest, longest).reshape(tokens, hidden)
     if packing.groups is not None:
         out = qkv.new_empty(tokens, hidden)
         for g in packing.groups:
@@ -134,6 +144,22 @@ def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     return packing.pack(ctx)
 
 
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int) -> torch.Tensor:
+    """Each pair's queries over its own keys, all packed [tokens, heads, head_dim]; pair i owns
+    rows cu[i]:cu[i + 1]. On CUDA (fp16/bf16) flash attention's variable-length kernel, called
+    without the Python wrapper around it (a host cost on every layer); elsewhere a loop of SDPA
+    calls, the reference the tests hold the CUDA path's host-side packing to."""
+    if q.is_cuda:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
+    out = q.new_zeros(q.shape)  # a pair without keys (a CUDA graph's spare rows) reads zeros, as in flash
+    qo, ko = cu_q.tolist(), cu_k.tolist()
+    for a, b, c, d in zip(qo, qo[1:], ko, ko[1:]):
+        if b > a and d > c:
+            out[a:b] = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))).transpose(0, 1)
+    return out
+
+
 def _sdpa(padded_qkv: torch.Tensor, rows: int, longest: int, heads: int, head_dim: int,
           key_mask: torch.Tensor | None) -> torch.Tensor:
     """[rows * longest, 3 x hidden] -> [rows, longest, hidden] through SDPA with a key mask."""
@@ -144,10 +170,17 @@ def _sdpa(padded_qkv: torch.Tensor, rows: int, longest: int, heads: int, head_di
 
 def first_token_attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     """Attention of each pair's first token over the pair's tokens: packed [tokens, 3 x hidden]
-    in, [rows, hidden] out. One query per pair makes it cheap in any layout: the padded one."""
+    in, [rows, hidden] out. One query per pair makes it cheap in any layout: the padded one, or
+    the packed one with one query row per pair."""
     hidden = qkv.shape[1] // 3
     head_dim = hidden // heads
     rows, longest = packing.rows, packing.longest
+    if packing.varlen:
+        tokens = qkv.shape[0]
+        q = qkv.index_select(0, packing.first)[:, :hidden].reshape(rows, heads, head_dim)
+        k, v = (qkv.view(tokens, 3, heads, head_dim)[:, i].contiguous() for i in (1, 2))
+        one_each = torch.arange(rows + 1, dtype=torch.int32, device=qkv.device)
+        return varlen_attention(q, k, v, one_each, packing.cu_seqlens, 1, longest).reshape(rows, hidden)
     padded = packing.unpack(qkv).view(rows, longest, 3, heads, head_dim)
     q = padded[:, :1, 0].transpose(1, 2)  # [rows, heads, 1, dim]
     k, v = (padded[:, :, i].transpose(1, 2) for i in (1, 2))  # [rows, heads, longest, dim]
@@ -155,10 +188,10 @@ def first_token_attention(qkv: torch.Tensor, heads: int, packing: Packing) -> to
     return out.reshape(rows, hidden)
 
 
-try:  # variable-length flash attention (CUDA, fp16/bf16) in recent torch
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older torch: the padded SDPA path serves CUDA too
-    _varlen_attn = None
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether flash attention's variable-length kernel runs here (CUDA, fp16/bf16)."""
+    return (device.type == "cuda" and dtype in HALF and hasattr(torch.ops.aten, "_flash_attention_forward")
+            and torch.backends.cuda.flash_sdp_enabled())
 
 
 class PackedLayer(nn.Module):
@@ -222,6 +255,8 @@ class PackedEncoder(nn.Module):
         self.pooler = getattr(base, "pooler", None) if self.kind == "bert" else None
         self.pre_classifier = getattr(model, "pre_classifier", None)
         self.classifier = model.classifier
+        # Position id of a pair's first token: RoBERTa counts from its padding id + 1.
+        self.position_offset = base.embeddings.padding_idx + 1 if self.kind in ROBERTA_LIKE else 0
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -230,7 +265,8 @@ class PackedEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         # CUDA runs the variable-length kernel (fp16/bf16) or one padded call; the CPU groups pairs.
-        packing = Packing.of(attention_mask, grouped=not attention_mask.is_cuda)
+        varlen = flash_varlen_available(attention_mask.device, self.embeddings.word_embeddings.weight.dtype)
+        packing = Packing.of(attention_mask, grouped=not attention_mask.is_cuda, varlen=varlen)
         if self.kind == "distilbert":
             embedded = self.embeddings(input_ids)
         else:  # position ids come from the padded layout (RoBERTa's skip its padding id), as in HF
@@ -238,6 +274,20 @@ class PackedEncoder(nn.Module):
         x = packing.pack(embedded)
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
+        return self.encode(x, packing)
+
+    def embed_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
+                     ) -> torch.Tensor:
+        """Embeddings of packed tokens [tokens] -> [tokens, hidden], positions given (the padded
+        layout is never built): the model's own embedding module, on one row of all the tokens."""
+        inputs = {"input_ids": input_ids[None], "position_ids": position_ids[None]}
+        if self.kind != "distilbert":
+            inputs["token_type_ids"] = token_type_ids[None]
+        x = self.embeddings(**inputs)[0]
+        return self.embeddings_project(x) if self.embeddings_project is not None else x
+
+    def encode(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The layers and the head on embedded packed tokens [tokens, hidden] -> logits [rows, labels]."""
         for layer in self.layer[:-1]:
             x = layer(x, packing)
         return self._head(self.layer[-1].forward_first(x, packing))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from xbench.backends.base import relevance
-from xbench.backends.packed import PackedEncoder
+from xbench.backends.packed import PackedEncoder, flash_varlen_available
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Layers kept in fp32 under int8 and int4: the last encoder layer, the pooler and the 1-logit
@@ -100,12 +100,14 @@ def quantize_int4(model: torch.nn.Module) -> torch.nn.Module:
 
 class TorchBackend:
     """Eager PyTorch. packed=True (the default where the architecture allows it) runs the dense
-    layers on the real tokens only (backends/packed.py); False runs transformers' padded forward."""
+    layers on the real tokens only (backends/packed.py); False runs transformers' padded forward.
+    On CUDA at fp16/bf16 the packed forward replays as CUDA graphs (backends/cuda_graphs.py)
+    unless cuda_graphs=False."""
 
     engine = "torch-eager"
 
     def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False,
-                 packed: bool | None = None):
+                 packed: bool | None = None, cuda_graphs: bool | None = None):
         # Called on the worker's own thread: set_num_threads sets that thread's intra-op pool.
         torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -123,6 +125,20 @@ class TorchBackend:
             self.model = quantize_int4(model)
         else:
             self.model = model.to(device=self.device, dtype=DTYPES[precision])
+        self.graphed = None
+        graphs_run = self.packed and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
+        if cuda_graphs and not graphs_run:
+            raise ValueError(f"cuda_graphs=true needs packed execution on CUDA at fp16/bf16 with flash attention "
+                             f"(device {device}, precision {precision}, packed {self.packed})")
+        if graphs_run and cuda_graphs is not False:
+            from xbench.backends.cuda_graphs import GraphedEncoder
+
+            self.graphed = GraphedEncoder(self.model, self.device, self.max_positions(model))
+
+    @staticmethod
+    def max_positions(model: torch.nn.Module) -> int:
+        """The longest pair the position embeddings hold (RoBERTa's start past its padding id)."""
+        return int(model.config.max_position_embeddings) - getattr(model, "position_offset", 0)
 
     def _inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
@@ -130,13 +146,16 @@ class TorchBackend:
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        if self.graphed is not None:
+            return relevance(self.graphed.forward(input_ids, attention_mask, token_type_ids).numpy())
         out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
         logits = out if self.packed else out.logits
         return relevance(logits.float().cpu().numpy())
 
     def describe(self) -> dict[str, Any]:
+        graphs = self.graphed.describe() if self.graphed is not None else {"cuda_graphs": False}
         return {"engine": self.engine, "torch": torch.__version__, "threads": self.threads,
-                "device": str(self.device), "precision": self.precision, "packed": self.packed}
+                "device": str(self.device), "precision": self.precision, "packed": self.packed, **graphs}
 
 
 class CompiledBackend(TorchBackend):
@@ -152,7 +171,7 @@ class CompiledBackend(TorchBackend):
     def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False,
                  packed: bool | None = None):
         # Padded: one dynamic-shape graph; packing's data-dependent token counts would recompile.
-        super().__init__(model_dir, device, precision, threads, trust_remote_code, packed=False)
+        super().__init__(model_dir, device, precision, threads, trust_remote_code, packed=False, cuda_graphs=False)
         self.model = torch.compile(self.model, dynamic=True, mode="max-autotune-no-cudagraphs"
                                    if device == "cuda" else None)
         self.compile_s = 0.0

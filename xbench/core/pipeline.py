@@ -94,7 +94,8 @@ class Pipeline:
         key = {"cpu": m["cpu"], "cores": m["cores"], "gpu": m["gpu"], "torch": m["torch"],
                "onnxruntime": m["onnxruntime"], "model": str(self.model.path),
                "weights": [stat.st_size, stat.st_mtime_ns] if stat else None, **self._backend_params,
-               "threads": self.models.threads, "packed": self.models.packed, "max_length": self.max_length}
+               "threads": self.models.threads, "packed": self.models.packed, "max_length": self.max_length,
+               "cuda_graphs": getattr(backend, "graphed", None) is not None}
         fitted = cost_model.load_or_calibrate(key, forward, cache_dir() / "costs")
         self.batcher.cost = dataclasses.replace(fitted, packed=self.models.packed,
                                                 varlen_attention=bool(getattr(backend, "varlen_attention", False)))

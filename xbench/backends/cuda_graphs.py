@@ -1,0 +1,158 @@
+"""CUDA graphs for the packed encoder: one captured forward per shape bucket, replayed.
+
+A 6-layer encoder at fp16 on a Hopper GPU finishes its ~90 kernels faster than Python can
+launch them, so an eager forward costs the host more than the GPU, and it holds the GIL that the
+batcher and the tokenizer pool's results need. A captured forward replays as one call that
+releases the GIL.
+
+A graph has fixed shapes, so every batch is brought to a bucket on the host, in numpy, without
+touching the GPU: its real tokens are packed (ids, token types, positions), the token count is
+rounded up (at most ~6% more), and the extra tokens become spare pairs of at most `longest`
+tokens each; the pair count is rounded up too, the rows beyond the spare pairs having no tokens.
+Attention runs per pair through flash attention's variable-length kernel, so spare pairs never
+touch real ones, and only the real pairs' scores are read. The inputs travel in one pinned,
+non-blocking copy into the graph's input buffer. Graphs share one memory pool (they replay one at
+a time, and each replay's scores are copied out before the next), and their number is capped:
+past `max_graphs` a new shape runs eagerly on the same packed inputs.
+
+`BucketedInputs` and the eager path (`capture=False`) run anywhere, so the CPU tests hold the
+host-side packing to the padded model's scores; only the capture needs CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xbench.backends.packed import PackedEncoder, Packing
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 96  # captured shapes per model worker; each holds its static input buffer
+MIN_TOKEN_STEP = 256
+LENGTH_STEP = 64  # the attention kernel's `longest` is rounded up to this
+ROW_STEP = 16
+
+
+def token_bucket(tokens: int) -> int:
+    """Tokens rounded up to a step of 1/16 of their power of two (at least MIN_TOKEN_STEP)."""
+    step = max(MIN_TOKEN_STEP, 1 << max(0, tokens.bit_length() - 5))
+    return -(-tokens // step) * step
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    rows: int
+    longest: int
+
+    @property
+    def size(self) -> int:
+        """int64 slots of the input buffer: ids, types, positions, pair offsets, first tokens."""
+        return 3 * self.tokens + 2 * self.rows + 1
+
+
+class BucketedInputs:
+    """One padded batch as the bucketed, packed int64 inputs of a graph, laid out in one buffer:
+    [ids | token types | positions] (tokens each), pair offsets (rows + 1), first tokens (rows)."""
+
+    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray,
+                 position_offset: int, max_longest: int):
+        real = attention_mask.astype(bool)
+        lengths = real.sum(1)
+        self.rows, width = real.shape
+        self.tokens = int(lengths.sum())
+        longest = min(max_longest, -(-int(lengths.max()) // LENGTH_STEP) * LENGTH_STEP)
+        tokens = token_bucket(self.tokens)
+        spare = tokens - self.tokens  # padding tokens, as spare pairs of at most `longest` each
+        spare_pairs = -(-spare // longest)
+        rows = -(-(self.rows + spare_pairs) // ROW_STEP) * ROW_STEP
+        self.shape = Shape(tokens, rows, longest)
+        self.buffer = np.zeros(self.shape.size, dtype=np.int64)
+        ids, types, positions, offsets, first = self.views(self.buffer)
+        ids[:self.tokens] = input_ids[real]
+        types[:self.tokens] = token_type_ids[real]
+        positions[:self.tokens] = np.broadcast_to(np.arange(width), real.shape)[real]
+        positions += position_offset
+        np.cumsum(lengths, out=offsets[1:self.rows + 1])
+        spare_ends = self.tokens + np.minimum(np.arange(1, rows - self.rows + 1) * longest, spare)
+        offsets[self.rows + 1:] = spare_ends
+        first[:self.rows] = offsets[:self.rows]  # spare rows read token 0: their scores are dropped
+
+    def views(self, buffer: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.views_of(self.shape, buffer)
+
+    @staticmethod
+    def views_of(shape: Shape, buffer):  # numpy on the host, a tensor inside the graph
+        t, r = shape.tokens, shape.rows
+        return buffer[:t], buffer[t:2 * t], buffer[2 * t:3 * t], buffer[3 * t:3 * t + r + 1], buffer[3 * t + r + 1:]
+
+
+class GraphedEncoder:
+    """Runs a PackedEncoder (on CUDA at fp16/bf16: variable-length attention) through CUDA graphs
+    keyed by bucketed shape. `capture=False` runs the same bucketed inputs eagerly."""
+
+    def __init__(self, encoder: PackedEncoder, device: torch.device, max_longest: int, capture: bool = True,
+                 max_graphs: int = MAX_GRAPHS):
+        self.encoder = encoder
+        self.device = device
+        self.max_longest = max_longest
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.replays = 0
+        self.eager_runs = 0
+
+    def _run(self, shape: Shape, buffer: torch.Tensor) -> torch.Tensor:
+        """The forward on a bucketed input buffer: float32 logits [rows, labels]."""
+        ids, types, positions, offsets, first = BucketedInputs.views_of(shape, buffer)
+        packing = Packing.of_offsets(offsets.to(torch.int32), first, shape.longest)
+        x = self.encoder.embed_packed(ids, types, positions)
+        return self.encoder.encode(x, packing).float()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> torch.Tensor:
+        """Logits of the batch's real pairs [rows, labels], on the host."""
+        inputs = BucketedInputs(input_ids, attention_mask, token_type_ids, self.encoder.position_offset,
+                                self.max_longest)
+        shape = inputs.shape
+        graph = self.graphs.get(shape)
+        if graph is None and self.capture and len(self.graphs) < self.max_graphs:
+            graph = self._capture(shape, inputs)
+        if graph is None:
+            self.eager_runs += 1
+            logits = self._run(shape, torch.from_numpy(inputs.buffer).to(self.device))
+            return logits[:inputs.rows].cpu()
+        g, staging, buffer, logits = graph
+        staging.copy_(torch.from_numpy(inputs.buffer))
+        buffer.copy_(staging, non_blocking=True)
+        g.replay()
+        self.replays += 1
+        return logits[:inputs.rows].cpu()  # waits for the replay; the staging buffer is free again
+
+    def _capture(self, shape: Shape, inputs: BucketedInputs):
+        staging = torch.from_numpy(inputs.buffer).pin_memory()
+        buffer = staging.to(self.device)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # once eagerly: kernels and library handles load outside the capture
+                self._run(shape, buffer)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                logits = self._run(shape, buffer)
+        except RuntimeError as exc:  # a kernel that cannot be captured: this worker runs eagerly
+            log.warning("CUDA graph capture failed (%s); running eagerly", exc)
+            self.capture = False
+            return None
+        self.graphs[shape] = (g, staging, buffer, logits)
+        return self.graphs[shape]
+
+    def describe(self) -> dict:
+        return {"cuda_graphs": self.capture, "graphs": len(self.graphs), "replays": self.replays,
+                "eager_runs": self.eager_runs}

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import attrgetter
 from typing import Callable
 
@@ -36,12 +37,14 @@ from xbench.core.tokenizer_pool import Encoded
 PLAN_WINDOW_BATCHES = 8  # pairs planned at once: the oldest max_batch_size x this many
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class QueuedPair:
     job: RerankJob
     index: int
     length: int
     seq: int = 0  # arrival order in the batcher
+    ids: np.ndarray | None = None  # the pair's token ids and token types, for collate
+    type_ids: np.ndarray | None = None
 
 
 @dataclass
@@ -158,8 +161,9 @@ class Batcher:
         with self._cond:
             first = self._arrivals
             self._arrivals += len(job.encoded.ids)
-            self._pending.extend(map(QueuedPair, [job] * len(job.encoded.ids), range(len(job.encoded.ids)),
-                                     job.encoded.lengths, range(first, self._arrivals)))
+            enc = job.encoded
+            self._pending.extend(map(QueuedPair, repeat(job, len(enc.ids)), range(len(enc.ids)), enc.lengths,
+                                     range(first, self._arrivals), enc.ids, enc.type_ids))
             job.release_reservation()
             self._cond.notify_all()
         job.add_done_callback(self._job_ended)
@@ -187,9 +191,7 @@ class Batcher:
         if members is None:
             return None
         # Padding happens outside the lock, on the worker's thread.
-        encoded = [m.job.encoded for m in members]
-        rows = list(map(_INDEX, members))
-        input_ids, mask, types = collate(list(map(_ids, encoded, rows)), list(map(_type_ids, encoded, rows)))
+        input_ids, mask, types = collate(list(map(_IDS, members)), list(map(_TYPE_IDS, members)))
         return ModelBatch(input_ids, mask, types, members)
 
     def _next_members(self) -> list[QueuedPair] | None:
@@ -263,12 +265,4 @@ class Batcher:
         return [list(map(window.__getitem__, idx)) for idx in cuts]
 
 
-_SEQ, _LENGTH, _INDEX = attrgetter("seq"), attrgetter("length"), attrgetter("index")
-
-
-def _ids(encoded: Encoded, row: int) -> np.ndarray:
-    return encoded.ids[row]
-
-
-def _type_ids(encoded: Encoded, row: int) -> np.ndarray:
-    return encoded.type_ids[row]
+_SEQ, _LENGTH, _IDS, _TYPE_IDS = attrgetter("seq"), attrgetter("length"), attrgetter("ids"), attrgetter("type_ids")

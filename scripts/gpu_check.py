@@ -35,8 +35,8 @@ from xbench.workload import synthetic
 RESULTS = Path("results/gpu")
 WORKLOADS = ("msmarco", "longtail")
 # backend:precision[:padded]; without `padded` the backend's default (packed where it can)
-# (`eager`: packed, without CUDA graphs)
-PATHS = ("pytorch:fp32,pytorch:fp16,pytorch:fp16:eager,pytorch:fp16:padded,pytorch:bf16,compiled:fp16,compiled:bf16,"
+# (`graphs`: packed, replayed as CUDA graphs)
+PATHS = ("pytorch:fp32,pytorch:fp16,pytorch:fp16:graphs,pytorch:fp16:padded,pytorch:bf16,compiled:fp16,compiled:bf16,"
          "onnx:fp32,onnx:fp16,ctranslate2:fp16,ctranslate2:int8")
 
 
@@ -82,7 +82,7 @@ def check(model_name: str, paths: list[str], device: str) -> None:
     for path in paths:
         backend_name, precision, *rest = path.split(":")
         packed = False if rest == ["padded"] else None
-        graphs = False if rest in (["padded"], ["eager"]) or device != "cuda" else None
+        graphs = True if rest == ["graphs"] else None
         try:
             t0 = time.perf_counter()
             backend = create_backend(ModelInstanceConfig(backend=backend_name, device=device, quantization=precision,
@@ -111,7 +111,7 @@ def summary() -> None:
     raw = {row["path"]: row.get("forward_pairs_per_s", {})
            for row in json.loads((RESULTS / "fidelity.json").read_text())["paths"]}
     table = Table(title="b128 c16: each command's pairs/s ÷ the path's raw forward (batches of 128 sorted by length); "
-                        "eager: the same path without CUDA graphs")
+                        "eager: the path without CUDA graphs")
     for col in ("file", "pairs/s", "raw forward pairs/s", "÷ raw", "÷ eager raw", "stable"):
         table.add_column(col)
     for f in sorted(RESULTS.glob("*.json")):
@@ -120,10 +120,10 @@ def summary() -> None:
         doc = json.loads(f.read_text())
         inst = doc["config"]["model_pool"]["instances"][0]
         path, lengths = f"{inst['backend']}:{inst['quantization']}", doc["config"]["workload"]["lengths"]
-        if inst.get("cuda_graphs") is False:
-            path += ":eager"
+        eager = raw.get(path, {}).get(lengths)
+        if inst.get("cuda_graphs"):
+            path += ":graphs"
         forward = raw.get(path, {}).get(lengths)
-        eager = raw.get(f"{inst['backend']}:{inst['quantization']}:eager", {}).get(lengths)
         rate = doc["summary"]["pairs_per_s"]
         table.add_row(f.name, f"{rate:,.0f}", f"{forward:,.0f}" if forward else "-",
                       f"{rate / forward:.2f}" if forward else "-", f"{rate / eager:.2f}" if eager else "-",

@@ -108,8 +108,8 @@ def test_bucketed_inputs_lay_out_spare_pairs_within_the_attention_length():
 def test_cuda_graphs_replay_the_eager_packed_scores():
     model_dir = resolve_model("default").path
     batches = mixed_batches(model_dir, n=64, rows=32)
-    eager = TorchBackend(str(model_dir), "cuda", "fp16", threads=2, cuda_graphs=False)
-    graphed = TorchBackend(str(model_dir), "cuda", "fp16", threads=2)
+    eager = TorchBackend(str(model_dir), "cuda", "fp16", threads=2)
+    graphed = TorchBackend(str(model_dir), "cuda", "fp16", threads=2, cuda_graphs=True)
     assert graphed.graphed is not None and eager.graphed is None
     ref = np.concatenate([eager.forward(*b) for b in batches])
     for _ in range(2):  # captured, then replayed

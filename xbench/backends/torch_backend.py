@@ -101,8 +101,8 @@ def quantize_int4(model: torch.nn.Module) -> torch.nn.Module:
 class TorchBackend:
     """Eager PyTorch. packed=True (the default where the architecture allows it) runs the dense
     layers on the real tokens only (backends/packed.py); False runs transformers' padded forward.
-    On CUDA at fp16/bf16 the packed forward replays as CUDA graphs (backends/cuda_graphs.py)
-    unless cuda_graphs=False."""
+    With cuda_graphs=True (CUDA, fp16/bf16) the packed forward replays as CUDA graphs
+    (backends/cuda_graphs.py)."""
 
     engine = "torch-eager"
 
@@ -130,7 +130,7 @@ class TorchBackend:
         if cuda_graphs and not graphs_run:
             raise ValueError(f"cuda_graphs=true needs packed execution on CUDA at fp16/bf16 with flash attention "
                              f"(device {device}, precision {precision}, packed {self.packed})")
-        if graphs_run and cuda_graphs is not False:
+        if graphs_run and cuda_graphs:
             from xbench.backends.cuda_graphs import GraphedEncoder
 
             self.graphed = GraphedEncoder(self.model, self.device, self.max_positions(model))

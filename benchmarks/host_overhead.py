@@ -1,0 +1,159 @@
+"""Benchmark: the host's Python cost per pair around a model that costs the host nothing (a GPU's view).
+
+On a GPU the forward pass barely needs the host (with CUDA graphs, one replay per batch), so the
+pipeline's own Python caps its pairs/s: the batcher planning and collating, the model pool
+handing scores back, requests going out to the tokenizer processes and coming back, the load
+generator. This runs pipeline-bench's and infer-bench's own targets and load generator around a
+stand-in backend that sleeps its "GPU time" (`--gpu-us` per pair) without holding the GIL, with
+tokenizer processes as beside a CUDA model, and reports pairs/s and the main process's CPU
+microseconds per pair on both workloads. `--against REV` measures a git revision too, in
+alternating rounds (each measurement in a fresh interpreter).
+
+    python benchmarks/host_overhead.py [--gpu-us 8] [--duration 8] [--rounds 3] [--against HEAD~1]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console(width=140)
+
+
+class StandInBackend:
+    """Scores zeros after sleeping `gpu_s` per pair: the GIL is free meanwhile, as in a CUDA call."""
+
+    packed = True
+    varlen_attention = True
+
+    def __init__(self, gpu_s: float):
+        self.gpu_s = gpu_s
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        import numpy as np
+
+        time.sleep(self.gpu_s * len(input_ids))
+        return np.zeros(len(input_ids), dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {"engine": "stand-in", "gpu_us_per_pair": self.gpu_s * 1e6}
+
+
+def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: int, concurrency: int,
+            tokenizers: int) -> dict:
+    """One measurement, in this interpreter, on whichever xbench PYTHONPATH holds."""
+    import asyncio
+
+    import xbench.core.pipeline as pipeline
+    from xbench.bench.load import generate
+    from xbench.bench.runners import InferTarget, PipelineTarget, load_spec
+    from xbench.config import compose_config
+    from xbench.workload import make_workload
+
+    pipeline.create_backend = lambda inst, model_dir, threads: StandInBackend(gpu_us * 1e-6)
+    cfg = compose_config([f"workload.lengths={lengths}", f"experiment.duration_s={duration}",
+                          f"experiment.max_duration_s={duration}", "experiment.warmup_s=2",
+                          "batching.max_batch_size=256", "batching.max_batch_tokens=65536",
+                          f"tokenizer_pool.workers={tokenizers}", "tokenizer_pool.mode=process"])
+    target = (InferTarget if command == "infer-bench" else PipelineTarget)(cfg)
+    send = target.sender(make_workload(None, cfg), batch)
+    spec = load_spec(cfg, concurrency)
+    # A first short run loads what the generator and its statistics import lazily (scipy).
+    asyncio.run(generate(send, replace(spec, duration_s=1, warmup_s=0, max_duration_s=1, windows=1)))
+    cpu_at: list[float] = []  # process CPU time at the first send and at each completion
+
+    async def timed_send(i: int):
+        if not cpu_at:
+            cpu_at.append(time.process_time())
+        sent = await send(i)
+        cpu_at.append(time.process_time())
+        return sent
+
+    records: list = []
+    stats = asyncio.run(generate(timed_send, spec, records=records))
+    target.close()
+    # CPU from the first request to the last completion (not the statistics after), per pair
+    return {"pairs_per_s": stats["summary"]["pairs_per_s"],
+            "cpu_us_per_pair": 1e6 * (cpu_at[-1] - cpu_at[0]) / sum(r.pairs for r in records)}
+
+
+def run_child(tree: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "XBENCH_CACHE": tempfile.mkdtemp(prefix="xbench-host-")}
+    done = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"measurement failed in {tree}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(
+    gpu_us: float = typer.Option(8.0, help="Stand-in GPU time per pair, in microseconds (8: ~125k pairs/s)."),
+    duration: float = typer.Option(8.0, help="Seconds measured per point."),
+    rounds: int = typer.Option(3, help="Rounds; each measures every variant once, so drift hits all alike."),
+    batch: int = typer.Option(128, help="Pairs per request."),
+    concurrency: int = typer.Option(16, help="Closed-loop clients."),
+    tokenizers: int = typer.Option(1, help="Tokenizer processes (this machine's cores limit pipeline-bench)."),
+    against: Optional[str] = typer.Option(None, help="A git revision measured alongside this checkout."),
+    out: Path = typer.Option(Path("results/benchmarks/host_overhead.json"), "--out", "-o"),
+    child: bool = typer.Option(False, "--child", hidden=True),
+    child_args: Optional[list[str]] = typer.Argument(None, hidden=True),
+) -> None:
+    if child:
+        command, lengths, *numbers = child_args or []
+        print(json.dumps(measure(command, lengths, *map(float, numbers[:2]), *map(int, numbers[2:]))))
+        return
+    trees = {"this checkout": ROOT}
+    if against:
+        worktree = Path(tempfile.mkdtemp(prefix="xbench-against-"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(worktree), against],
+                       check=True, capture_output=True)
+        trees[against] = worktree
+    points = [(c, w) for w in ("msmarco", "longtail") for c in ("infer-bench", "pipeline-bench")]
+    samples: dict[tuple[str, str, str], list[dict]] = {}
+    try:
+        with console.status("measuring ...") as status:
+            for r in range(rounds):
+                for command, lengths in points:
+                    for name, tree in trees.items():
+                        status.update(f"round {r + 1}/{rounds}: {command} {lengths} on {name}")
+                        samples.setdefault((command, lengths, name), []).append(run_child(
+                            tree, command, lengths, str(gpu_us), str(duration), str(batch), str(concurrency),
+                            str(tokenizers)))
+    finally:
+        if against:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[against])],
+                           capture_output=True)
+    table = Table(title=f"Host cost per pair around a stand-in GPU ({gpu_us:g} µs/pair, GIL free), batch {batch}, "
+                        f"concurrency {concurrency}, {tokenizers} tokenizer process(es), {rounds} alternating rounds")
+    for col in ("command", "workload", "code", "pairs/s per round", "main-process CPU µs/pair", "mean pairs/s"):
+        table.add_column(col, justify="right" if "pairs" in col or "µs" in col else "left")
+    rows = []
+    for (command, lengths, name), runs in samples.items():
+        rate = statistics.fmean(s["pairs_per_s"] for s in runs)
+        cpu = statistics.fmean(s["cpu_us_per_pair"] for s in runs)
+        table.add_row(command, lengths, name, " ".join(f"{s['pairs_per_s']:,.0f}" for s in runs),
+                      " ".join(f"{s['cpu_us_per_pair']:.1f}" for s in runs), f"{rate:,.0f}")
+        rows.append({"command": command, "workload": lengths, "code": name, "runs": runs,
+                     "mean_pairs_per_s": rate, "mean_cpu_us_per_pair": cpu})
+    console.print(table)
+    from xbench.results.store import environment, write_json
+
+    write_json(out, {"env": environment(), "gpu_us_per_pair": gpu_us, "batch": batch, "concurrency": concurrency,
+                     "tokenizer_processes": tokenizers, "against": against, "rows": rows})
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

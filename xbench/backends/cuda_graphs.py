@@ -22,6 +22,7 @@ host-side packing to the padded model's scores; only the capture needs CUDA.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ MAX_GRAPHS = 96  # captured shapes per model worker; each holds its static input
 MIN_TOKEN_STEP = 256
 LENGTH_STEP = 64  # the attention kernel's `longest` is rounded up to this
 ROW_STEP = 16
+_CAPTURE_LOCK = threading.Lock()
 
 
 def token_bucket(tokens: int) -> int:
@@ -144,7 +146,9 @@ class GraphedEncoder:
                 self._run(shape, buffer)
             torch.cuda.current_stream(self.device).wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            # One capture at a time in the process, and other threads' CUDA calls (another model
+            # worker's launches) left alone by it.
+            with _CAPTURE_LOCK, torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._run(shape, buffer)
         except RuntimeError as exc:  # a kernel that cannot be captured: this worker runs eagerly
             log.warning("CUDA graph capture failed (%s); running eagerly", exc)

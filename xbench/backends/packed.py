@@ -189,9 +189,10 @@ def first_token_attention(qkv: torch.Tensor, heads: int, packing: Packing) -> to
 
 
 def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether flash attention's variable-length kernel runs here (CUDA, fp16/bf16)."""
+    """Whether flash attention's variable-length kernel runs here: CUDA at fp16/bf16 on an Ampere
+    or newer GPU (older ones, a T4 say, take the padded SDPA call)."""
     return (device.type == "cuda" and dtype in HALF and hasattr(torch.ops.aten, "_flash_attention_forward")
-            and torch.backends.cuda.flash_sdp_enabled())
+            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 class PackedLayer(nn.Module):

@@ -12,9 +12,9 @@ can state its padding efficiency.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 import threading
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 

@@ -86,6 +86,16 @@ def test_bucketed_packed_inputs_of_cuda_graphs_score_as_the_padded_model(kind, t
     assert np.abs(got - ref).max() <= 1e-4 and graphed.eager_runs == len(batches)
 
 
+def test_eager_variable_length_attention_scores_as_the_padded_model(monkeypatch, tiny_model):
+    """The eager CUDA path's layout on the CPU: attention and the first-token query straight on
+    the packed tokens by pair offsets (an SDPA loop standing in for flash attention)."""
+    import xbench.backends.packed as packed_module
+
+    monkeypatch.setattr(packed_module, "flash_varlen_available", lambda device, dtype: True)
+    ref, got = both_paths(tiny_model, mixed_batches(tiny_model))
+    assert np.std(ref) > 0.1 and np.abs(got - ref).max() <= 1e-4
+
+
 def test_bucketed_inputs_lay_out_spare_pairs_within_the_attention_length():
     from xbench.backends.cuda_graphs import BucketedInputs, token_bucket
 

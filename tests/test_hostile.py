@@ -233,11 +233,20 @@ def test_a_backlog_past_the_grace_period_is_answered_503_and_the_process_exits_i
     s = start_server([f"model_pool.instances.0.name={tiny_model}", "server.shutdown_grace_s=3",
                       "server.max_queue_wait_ms=0"])
     try:
+        async def in_flight(c: httpx.AsyncClient) -> float:
+            text = (await c.get(s.url + "/metrics")).text
+            return next(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith("xbench_requests_in_flight"))
+
         async def backlog():
             async with httpx.AsyncClient(timeout=60) as c:
                 sends = [asyncio.ensure_future(c.post(s.url + "/rerank", json={"query": "q", "texts": long_docs(1000)}))
                          for _ in range(6)]  # ~15 s of work
-                await asyncio.sleep(1.0)
+                # All six admitted before SIGTERM (on a busy machine their bodies can take over a
+                # second to arrive; one arriving later is refused as "shutting down", rightly).
+                deadline = time.perf_counter() + 20
+                while await in_flight(c) < 6 and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.05)
                 s.proc.send_signal(signal.SIGTERM)
                 t0 = time.perf_counter()
                 answers = await asyncio.gather(*sends)

@@ -67,7 +67,7 @@ class BucketedInputs:
         lengths = real.sum(1)
         self.rows, width = real.shape
         self.tokens = int(lengths.sum())
-        longest = min(max_longest, -(-int(lengths.max()) // LENGTH_STEP) * LENGTH_STEP)
+        longest = min(max_longest, max(1, -(-int(lengths.max()) // LENGTH_STEP)) * LENGTH_STEP)
         tokens = token_bucket(self.tokens)
         spare = tokens - self.tokens  # padding tokens, as spare pairs of at most `longest` each
         spare_pairs = -(-spare // longest)

@@ -40,12 +40,18 @@ def both_paths(model_dir, batches, precision="fp32"):
             np.concatenate([packed.forward(*b) for b in batches]))
 
 
-@pytest.mark.parametrize("kind", ["bert", "xlm-roberta", "distilbert", "electra"])
-def test_packed_execution_matches_the_padded_model(kind, tmp_path, tiny_model):
+def architecture_batches(kind, tmp_path, tiny_model):
+    """A tiny model of `kind` and its padded long-tailed batches."""
     model_dir = tiny_model if kind == "bert" else write_tiny_model(tmp_path / kind, tiny_encoder(kind))
     batches = mixed_batches(model_dir)
     if kind == "xlm-roberta":  # one token type
         batches = [(ids, mask, np.zeros_like(types)) for ids, mask, types in batches]
+    return model_dir, batches
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlm-roberta", "distilbert", "electra"])
+def test_packed_execution_matches_the_padded_model(kind, tmp_path, tiny_model):
+    model_dir, batches = architecture_batches(kind, tmp_path, tiny_model)
     assert min(float(m.mean()) for _, m, _ in batches) < 0.7  # real padding to remove
     ref, got = both_paths(model_dir, batches)
     assert np.std(ref) > 0.1
@@ -72,10 +78,7 @@ def test_bucketed_packed_inputs_of_cuda_graphs_score_as_the_padded_model(kind, t
     they are the padded model's."""
     from xbench.backends.cuda_graphs import BucketedInputs, GraphedEncoder
 
-    model_dir = tiny_model if kind == "bert" else write_tiny_model(tmp_path / kind, tiny_encoder(kind))
-    batches = mixed_batches(model_dir)
-    if kind == "xlm-roberta":
-        batches = [(ids, mask, np.zeros_like(types)) for ids, mask, types in batches]
+    model_dir, batches = architecture_batches(kind, tmp_path, tiny_model)
     padded = TorchBackend(str(model_dir), "cpu", "fp32", threads=2, packed=False)
     packed = TorchBackend(str(model_dir), "cpu", "fp32", threads=2, packed=True)
     graphed = GraphedEncoder(packed.model, torch.device("cpu"), packed.max_positions(packed.model), capture=False)

@@ -14,6 +14,7 @@ alternating rounds (each measurement in a fresh interpreter).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -90,8 +91,10 @@ def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: i
             "cpu_us_per_pair": 1e6 * (cpu_at[-1] - cpu_at[0]) / sum(r.pairs for r in records)}
 
 
-def run_child(tree: Path, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "XBENCH_CACHE": tempfile.mkdtemp(prefix="xbench-host-")}
+def run_child(tree: Path, cache: Path, *args: str) -> dict:
+    """One measurement in a fresh interpreter on `tree`'s xbench, with a cache folder of its own
+    (the stand-in's cost-model calibration must not reach the user's cache)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "XBENCH_CACHE": str(cache)}
     done = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"measurement failed in {tree}:\n{done.stderr[-2000:]}")
@@ -122,15 +125,16 @@ def main(
         trees[against] = worktree
     points = [(c, w) for w in ("msmarco", "longtail") for c in ("infer-bench", "pipeline-bench")]
     samples: dict[tuple[str, str, str], list[dict]] = {}
+    measurements = itertools.count()  # each in a fresh cache folder, as a first run would be
     try:
-        with console.status("measuring ...") as status:
+        with console.status("measuring ...") as status, tempfile.TemporaryDirectory(prefix="xbench-host-") as caches:
             for r in range(rounds):
                 for command, lengths in points:
                     for name, tree in trees.items():
                         status.update(f"round {r + 1}/{rounds}: {command} {lengths} on {name}")
                         samples.setdefault((command, lengths, name), []).append(run_child(
-                            tree, command, lengths, str(gpu_us), str(duration), str(batch), str(concurrency),
-                            str(tokenizers)))
+                            tree, Path(caches) / str(next(measurements)), command, lengths,
+                            str(gpu_us), str(duration), str(batch), str(concurrency), str(tokenizers)))
     finally:
         if against:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[against])],

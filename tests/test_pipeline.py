@@ -60,7 +60,7 @@ def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, 
     from tokenizers import Tokenizer
     from tokenizers.processors import RobertaProcessing
 
-    from xbench.core.tokenizer_pool import PairLayout, _encode, build_tokenizer
+    from xbench.core.tokenizer_pool import PairLayout, TextTokenizer, _encode, build_tokenizer
 
     tokenizer_json = load_tokenizer(tiny_model, max_length)
     if template == "roberta":  # <s> q </s></s> d </s>: four special tokens, one token type
@@ -75,10 +75,28 @@ def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, 
     layout = PairLayout.learn(tok)
     assert layout is not None and layout.specials == (3 if template == "bert" else 4)
     for joined_by in (None, layout):  # the post-processor per pair, or numpy per query
-        got = _encode(tok, pairs, joined_by)
+        got = _encode(TextTokenizer(tokenizer_json, direction), pairs, joined_by)
         assert [x.tolist() for x in got.ids] == [e.ids for e in want]
         assert [x.tolist() for x in got.type_ids] == [e.type_ids for e in want]
         assert got.truncated == sum(bool(e.overflowing) for e in want) > 0
+
+
+def test_texts_skip_the_bert_normalizer_only_where_it_changes_nothing(tiny_model):
+    """Printable ASCII goes to the twin without BERT's normalizer (lowercased here); anything
+    else (accents, CJK, control characters, tabs, emoji) to the full tokenizer. Every text gets
+    the full tokenizer's ids either way, in order."""
+    from xbench.core.tokenizer_pool import TextTokenizer, build_tokenizer
+
+    tokenizer_json = load_tokenizer(tiny_model, 64)
+    texts = ["Plain English, with Punctuation!", "UPPER case words", "Café crème brûlée", "naïve façade",
+             "日本語のテキスト mixed", "tab\tseparated\nlines", "nul\x00and\x7fdel", "emoji 🙂 here", "", "   ",
+             "a" * 300, "Ünïcödé ÀND ascii", "don't re-tokenize; e-mail: x@y.z (ok) [sic]"]
+    texts = texts + texts[::-1]  # the two paths interleave
+    full = build_tokenizer(tokenizer_json)
+    fast = TextTokenizer(tokenizer_json)
+    assert fast.twin is not None and fast.lowercase
+    assert [e.ids for e in fast.encode(texts)] == [e.ids for e in full.encode_batch(texts, add_special_tokens=False)]
+    assert all(e.ids for e in fast.encode(texts[:8]))
 
 
 @pytest.mark.parametrize(("device", "mode"), [("cpu", "thread"), ("cuda", "process"), ("cuda:1", "process")])

@@ -208,7 +208,7 @@ class PairLayout:
         return split_at(ids, ends), split_at(types, ends), int((keep < doc_len).sum())
 
 
-def _encode(texts: TextTokenizer, pairs: list[Pair], layout: PairLayout | None = None) -> Encoded:
+def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | None = None) -> Encoded:
     """Pairs as the tokenizer would encode them, each distinct query tokenized once.
 
     Encoding (query, document) pairs directly re-tokenizes the query for every document: a 25 KB
@@ -222,10 +222,10 @@ def _encode(texts: TextTokenizer, pairs: list[Pair], layout: PairLayout | None =
     token to the longer one, so the document is cut one token shorter than the query when the
     query is truly longer (tests compare every case with plain pair encoding)."""
     t0 = time.perf_counter()
-    tok = texts.full
+    tok = tokenizer.full  # truncation settings and the pair post-processor
     queries = list(dict.fromkeys(q for q, _ in pairs))
-    query_encodings = dict(zip(queries, texts.encode(queries)))
-    documents = texts.encode([d for _, d in pairs])
+    query_encodings = dict(zip(queries, tokenizer.encode(queries)))
+    documents = tokenizer.encode([d for _, d in pairs])
     limit, direction = tok.truncation["max_length"], tok.truncation["direction"]
     budget = limit - tok.post_processor.num_special_tokens_to_add(True)
     ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]

@@ -83,14 +83,15 @@ def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, 
 
 def test_texts_skip_the_bert_normalizer_only_where_it_changes_nothing(tiny_model):
     """Printable ASCII goes to the twin without BERT's normalizer (lowercased here); anything
-    else (accents, CJK, control characters, tabs, emoji) to the full tokenizer. Every text gets
-    the full tokenizer's ids either way, in order."""
+    else (accents, CJK, control characters, tabs, emoji, an added token's literal) to the full
+    tokenizer. Every text gets the full tokenizer's ids either way, in order."""
     from xbench.core.tokenizer_pool import TextTokenizer, build_tokenizer
 
     tokenizer_json = load_tokenizer(tiny_model, 64)
     texts = ["Plain English, with Punctuation!", "UPPER case words", "Café crème brûlée", "naïve façade",
              "日本語のテキスト mixed", "tab\tseparated\nlines", "nul\x00and\x7fdel", "emoji 🙂 here", "", "   ",
-             "a" * 300, "Ünïcödé ÀND ascii", "don't re-tokenize; e-mail: x@y.z (ok) [sic]"]
+             "a" * 300, "Ünïcödé ÀND ascii", "don't re-tokenize; e-mail: x@y.z (ok) [sic]",
+             "a [SEP] b", "x [mask] y [Unk]", "Hello [CLS]"]  # added tokens: matched before normalizing
     texts = texts + texts[::-1]  # the two paths interleave
     full = build_tokenizer(tokenizer_json)
     fast = TextTokenizer(tokenizer_json)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -102,8 +103,10 @@ class TextTokenizer:
     character's alignment. On printable ASCII it can only lowercase (no control characters to
     clean, no accents to strip, no CJK to space out), so such a text is lowercased here and
     encoded by a twin without the normalizer. The ids are the same (tests compare mixed text
-    with the full tokenizer), and English passages tokenize 1.7x faster. Any other text, or any
-    other normalizer, goes through the full tokenizer."""
+    with the full tokenizer), and English passages tokenize 1.7x faster. Any other text, a text
+    that holds an added token's literal in any case ("[SEP]" in a document is the separator to
+    the full tokenizer, and matched before normalizing), or any other normalizer, goes through
+    the full tokenizer."""
 
     def __init__(self, tokenizer_json: str, direction: str = "right"):
         self.full = build_tokenizer(tokenizer_json, direction)
@@ -113,12 +116,18 @@ class TextTokenizer:
             self.lowercase = bool(self.full.normalizer.lowercase)
             self.twin = build_tokenizer(tokenizer_json, direction)
             self.twin.normalizer = None
+        added = [t.content for t in self.full.get_added_tokens_decoder().values() if t.content]
+        self._added = re.compile("|".join(map(re.escape, added)), re.IGNORECASE) if added else None
+
+    def _plain(self, text: str) -> bool:
+        """Whether the twin gives this text the full tokenizer's ids."""
+        return text.isascii() and text.isprintable() and (self._added is None or self._added.search(text) is None)
 
     def encode(self, texts: list[str]) -> list[Any]:
         """Each text's Encoding, in order (encode_batch_fast: no character offsets)."""
         if self.twin is None:
             return self.full.encode_batch_fast(texts, add_special_tokens=False)
-        plain = [t.isascii() and t.isprintable() for t in texts]
+        plain = list(map(self._plain, texts))
         ready = [t.lower() if self.lowercase else t for t, p in zip(texts, plain) if p]
         fast = iter(self.twin.encode_batch_fast(ready, add_special_tokens=False))
         rest = [t for t, p in zip(texts, plain) if not p]

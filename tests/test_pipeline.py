@@ -82,22 +82,46 @@ def test_each_query_is_tokenized_once_yet_pairs_match_pair_encoding(tiny_model, 
 
 
 def test_texts_skip_the_bert_normalizer_only_where_it_changes_nothing(tiny_model):
-    """Printable ASCII goes to the twin without BERT's normalizer (lowercased here); anything
-    else (accents, CJK, control characters, tabs, emoji, an added token's literal) to the full
-    tokenizer. Every text gets the full tokenizer's ids either way, in order."""
+    """Printable ASCII, tabs and line breaks go to the twin without BERT's normalizer (lowercased
+    here); anything else (accents, CJK, control characters, emoji, an added token's literal) to
+    the full tokenizer. Every text gets the full tokenizer's ids either way, in order."""
     from xbench.core.tokenizer_pool import TextTokenizer, build_tokenizer
 
     tokenizer_json = load_tokenizer(tiny_model, 64)
     texts = ["Plain English, with Punctuation!", "UPPER case words", "Café crème brûlée", "naïve façade",
-             "日本語のテキスト mixed", "tab\tseparated\nlines", "nul\x00and\x7fdel", "emoji 🙂 here", "", "   ",
+             "日本語のテキスト mixed", "tab\tseparated\nlines\r\n", "vertical\vtab\fform feed", "nul\x00and\x7fdel", "emoji 🙂 here", "", "   ",
              "a" * 300, "Ünïcödé ÀND ascii", "don't re-tokenize; e-mail: x@y.z (ok) [sic]",
              "a [SEP] b", "x [mask] y [Unk]", "Hello [CLS]"]  # added tokens: matched before normalizing
     texts = texts + texts[::-1]  # the two paths interleave
     full = build_tokenizer(tokenizer_json)
     fast = TextTokenizer(tokenizer_json)
     assert fast.twin is not None and fast.lowercase
-    assert [e.ids for e in fast.encode(texts)] == [e.ids for e in full.encode_batch(texts, add_special_tokens=False)]
+    want = [e.ids for e in full.encode_batch(texts, add_special_tokens=False)]
+    assert [e.ids for e in fast.encode(texts)] == want
     assert all(e.ids for e in fast.encode(texts[:8]))
+    assert [list(ids) for ids in fast.encode_ids(texts)] == want  # word pieces from the cache
+    assert fast._pieces and [list(ids) for ids in fast.encode_ids(texts)] == want  # now all cached
+
+
+def test_cached_word_pieces_match_the_tokenizer_on_real_prose_and_code(tiny_model):
+    """Passages of real English with code in it (the standard library's docstrings): every
+    passage gets the full tokenizer's ids from the word-piece cache, cold and warm."""
+    import pydoc
+
+    from xbench.core.tokenizer_pool import TextTokenizer, build_tokenizer
+
+    import pathlib
+    import subprocess
+    import threading
+
+    text = " ".join(pydoc.getdoc(m) for m in (json, pathlib, subprocess, threading, pydoc, dict, str, np))
+    passages = [text[i:i + 300] for i in range(0, len(text), 300)][:400]
+    tokenizer_json = load_tokenizer(tiny_model, 512)
+    want = [e.ids for e in build_tokenizer(tokenizer_json).encode_batch(passages, add_special_tokens=False)]
+    fast = TextTokenizer(tokenizer_json)
+    assert sum(map(fast._plain, passages)) > len(passages) // 2  # most take the cached path
+    for _ in range(2):
+        assert [list(ids) for ids in fast.encode_ids(passages)] == want
 
 
 @pytest.mark.parametrize(("device", "mode"), [("cpu", "thread"), ("cuda", "process"), ("cuda:1", "process")])

@@ -18,7 +18,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -96,12 +96,21 @@ def build_tokenizer(tokenizer_json: str, direction: str = "right") -> Tokenizer:
     return tok
 
 
+# Text BERT's normalizer can only lowercase: printable ASCII, tabs and line breaks (which it turns
+# into the spaces the pre-tokenizer splits on anyway). Not \v or \f: it deletes those.
+NOT_PLAIN = re.compile(r"[^\t\n\r -~]")
+# BERT's pre-tokenizer on such text: a run of letters and digits is a word, each punctuation
+# character is one, whitespace goes.
+ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9 \t\n\r]")
+CACHED_WORDS = 100_000  # distinct words whose pieces a TextTokenizer keeps (cleared when full)
+
+
 class TextTokenizer:
     """A Tokenizer that encodes texts alone (no special tokens), ids only, as fast as it can.
 
     BERT's normalizer takes about 40% of the tokenizer's time, because it tracks every
-    character's alignment. On printable ASCII it can only lowercase (no control characters to
-    clean, no accents to strip, no CJK to space out), so such a text is lowercased here and
+    character's alignment. On printable ASCII with tabs and line breaks it can only lowercase (no
+    control characters to clean, no accents to strip, no CJK to space out), so such a text is lowercased here and
     encoded by a twin without the normalizer. The ids are the same (tests compare mixed text
     with the full tokenizer), and English passages tokenize 1.7x faster. Any other text, a text
     that holds an added token's literal in any case ("[SEP]" in a document is the separator to
@@ -116,12 +125,13 @@ class TextTokenizer:
             self.lowercase = bool(self.full.normalizer.lowercase)
             self.twin = build_tokenizer(tokenizer_json, direction)
             self.twin.normalizer = None
+        self._pieces: dict[str, tuple[int, ...]] = {}  # word -> its word pieces (encode_ids)
         added = [t.content for t in self.full.get_added_tokens_decoder().values() if t.content]
         self._added = re.compile("|".join(map(re.escape, added)), re.IGNORECASE) if added else None
 
     def _plain(self, text: str) -> bool:
         """Whether the twin gives this text the full tokenizer's ids."""
-        return text.isascii() and text.isprintable() and (self._added is None or self._added.search(text) is None)
+        return NOT_PLAIN.search(text) is None and (self._added is None or self._added.search(text) is None)
 
     def encode(self, texts: list[str]) -> list[Any]:
         """Each text's Encoding, in order (encode_batch_fast: no character offsets)."""
@@ -133,6 +143,27 @@ class TextTokenizer:
         rest = [t for t, p in zip(texts, plain) if not p]
         slow = iter(self.full.encode_batch_fast(rest, add_special_tokens=False) if rest else ())
         return [next(fast) if p else next(slow) for p in plain]
+
+    def encode_ids(self, texts: list[str]) -> list[Sequence[int]]:
+        """Each text's ids, in order, not truncated. A printable ASCII text is split the way
+        BERT's pre-tokenizer splits it (`ASCII_WORDS`) and each word's pieces come from a cache
+        that the twin fills once per new word: natural text repeats its words, so most of a
+        passage costs a dictionary lookup per word instead of a pass through the tokenizer."""
+        if self.twin is None:
+            return [e.ids for e in self.full.encode_batch_fast(texts, add_special_tokens=False)]
+        plain = list(map(self._plain, texts))
+        words = [ASCII_WORDS.findall(t.lower() if self.lowercase else t) if p else None for t, p in zip(texts, plain)]
+        pieces = self._pieces
+        new = list({w for ws in words if ws is not None for w in ws if w not in pieces})
+        if new:
+            if len(pieces) + len(new) > CACHED_WORDS:
+                pieces.clear()
+            encoded = self.twin.encode_batch_fast(new, add_special_tokens=False)
+            pieces.update(zip(new, (tuple(e.ids) for e in encoded)))
+        rest = [t for t, p in zip(texts, plain) if not p]
+        slow = iter(self.full.encode_batch_fast(rest, add_special_tokens=False) if rest else ())
+        return [list(itertools.chain.from_iterable(map(pieces.__getitem__, ws))) if ws is not None else next(slow).ids
+                for ws in words]
 
 
 def _full_length(enc: Any) -> int:
@@ -234,9 +265,12 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
     tok = tokenizer.full  # truncation settings and the pair post-processor
     queries = list(dict.fromkeys(q for q, _ in pairs))
     query_encodings = dict(zip(queries, tokenizer.encode(queries)))
-    documents = tokenizer.encode([d for _, d in pairs])
     limit, direction = tok.truncation["max_length"], tok.truncation["direction"]
     budget = limit - tok.post_processor.num_special_tokens_to_add(True)
+    # Joined in numpy when every query fits in half the budget: then documents need ids alone.
+    joined = layout is not None and all(2 * _full_length(e) <= budget for e in query_encodings.values())
+    texts = [d for _, d in pairs]
+    documents = tokenizer.encode_ids(texts) if joined else tokenizer.encode(texts)
     ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
     type_ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
     truncated = 0
@@ -246,9 +280,9 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
     for q, rows in by_query.items():
         query = query_encodings[q]
         nq = _full_length(query)
-        if layout is not None and 2 * nq <= budget:
+        if joined:
             got_ids, got_types, cut = layout.join(np.asarray(query.ids, dtype=np.int32),
-                                                  [documents[i].ids for i in rows], budget, direction)
+                                                  [documents[i] for i in rows], budget, direction)
             truncated += cut
             for i, a, t in zip(rows, got_ids, got_types):
                 ids[i], type_ids[i] = a, t

@@ -1,10 +1,12 @@
 """TokenizerPool: N workers turning (query, document) pairs into truncated token ids.
 
-Workers are threads by default: the Rust tokenizer releases the GIL inside encode_batch, so
-threads run in parallel without copying ids between processes. `mode: process` gives each
-worker its own process (one tokenizer each) for comparison. `parallelism` sets
-TOKENIZERS_PARALLELISM, which the Rust library reads on every encode_batch call: on, one call
-fans out over its rayon threads; off, it runs on the calling thread alone.
+Workers are threads beside a CPU model and processes beside a CUDA one (`mode: auto`). Threads
+share ids without copying them, and the Rust tokenizer releases the GIL inside encode_batch;
+but the word-piece cache of `TextTokenizer` is Python and holds it, and a CUDA model worker needs
+the GIL to launch kernels, so there each worker gets a process (one tokenizer each) that hands
+back flat arrays. `parallelism` sets TOKENIZERS_PARALLELISM, which the Rust library reads on
+every encode_batch call: on, one call fans out over its rayon threads; off, it runs on the
+calling thread alone.
 """
 
 from __future__ import annotations
@@ -253,11 +255,11 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
 
     Encoding (query, document) pairs directly re-tokenizes the query for every document: a 25 KB
     query with 1,000 documents is 1,000 full tokenizations. Instead each query and document is
-    tokenized alone (cut at max_length: nothing past it can survive the pair's truncation, and
-    the Rust tokenizer runs without the GIL), then joined. With a `layout`, a query that fits in
-    half the budget is joined to all its documents in numpy (`PairLayout.join`): per-pair Python
-    work is what caps tokenizer threads on a many-core GPU host. Otherwise the tokenizer's own
-    post-processing truncates and joins each pair. The one case where the pre-cut would change
+    tokenized alone (`TextTokenizer`), then joined. With a `layout`, and every query within half
+    the budget, the documents' ids are joined to their query in numpy (`PairLayout.join`, which
+    also cuts them to the budget): per-pair Python work is what caps tokenizer workers on a
+    many-core GPU host. Otherwise the tokenizer's own post-processing truncates and joins each
+    pair. The one case where the pre-cut would change
     the result is two texts both over the limit: "longest first" then gives the odd leftover
     token to the longer one, so the document is cut one token shorter than the query when the
     query is truly longer (tests compare every case with plain pair encoding)."""

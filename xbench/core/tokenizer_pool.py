@@ -20,7 +20,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -139,21 +139,19 @@ class TextTokenizer:
         """Each text's Encoding, in order (encode_batch_fast: no character offsets)."""
         if self.twin is None:
             return self.full.encode_batch_fast(texts, add_special_tokens=False)
-        plain = list(map(self._plain, texts))
+        plain, others = self._split(texts)
         ready = [t.lower() if self.lowercase else t for t, p in zip(texts, plain) if p]
         fast = iter(self.twin.encode_batch_fast(ready, add_special_tokens=False))
-        rest = [t for t, p in zip(texts, plain) if not p]
-        slow = iter(self.full.encode_batch_fast(rest, add_special_tokens=False) if rest else ())
-        return [next(fast) if p else next(slow) for p in plain]
+        return [next(fast) if p else next(others) for p in plain]
 
     def encode_ids(self, texts: list[str]) -> list[Sequence[int]]:
-        """Each text's ids, in order, not truncated. A printable ASCII text is split the way
-        BERT's pre-tokenizer splits it (`ASCII_WORDS`) and each word's pieces come from a cache
-        that the twin fills once per new word: natural text repeats its words, so most of a
-        passage costs a dictionary lookup per word instead of a pass through the tokenizer."""
+        """Each text's ids, in order, not yet cut to a pair's budget. A plain text is split the
+        way BERT's pre-tokenizer splits it (`ASCII_WORDS`) and each word's pieces come from a
+        cache that the twin fills once per new word: natural text repeats its words, so most of
+        a passage costs a dictionary lookup per word instead of a pass through the tokenizer."""
         if self.twin is None:
             return [e.ids for e in self.full.encode_batch_fast(texts, add_special_tokens=False)]
-        plain = list(map(self._plain, texts))
+        plain, others = self._split(texts)
         words = [ASCII_WORDS.findall(t.lower() if self.lowercase else t) if p else None for t, p in zip(texts, plain)]
         pieces = self._pieces
         new = list({w for ws in words if ws is not None for w in ws if w not in pieces})
@@ -162,10 +160,14 @@ class TextTokenizer:
                 pieces.clear()
             encoded = self.twin.encode_batch_fast(new, add_special_tokens=False)
             pieces.update(zip(new, (tuple(e.ids) for e in encoded)))
-        rest = [t for t, p in zip(texts, plain) if not p]
-        slow = iter(self.full.encode_batch_fast(rest, add_special_tokens=False) if rest else ())
-        return [list(itertools.chain.from_iterable(map(pieces.__getitem__, ws))) if ws is not None else next(slow).ids
+        return [list(itertools.chain.from_iterable(map(pieces.__getitem__, ws))) if ws is not None else next(others).ids
                 for ws in words]
+
+    def _split(self, texts: list[str]) -> tuple[list[bool], Iterator[Any]]:
+        """Which texts are plain, and the full tokenizer's Encodings of the others, in order."""
+        plain = list(map(self._plain, texts))
+        rest = [t for t, p in zip(texts, plain) if not p]
+        return plain, iter(self.full.encode_batch_fast(rest, add_special_tokens=False) if rest else ())
 
 
 def _full_length(enc: Any) -> int:
@@ -259,10 +261,10 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
     the budget, the documents' ids are joined to their query in numpy (`PairLayout.join`, which
     also cuts them to the budget): per-pair Python work is what caps tokenizer workers on a
     many-core GPU host. Otherwise the tokenizer's own post-processing truncates and joins each
-    pair. The one case where the pre-cut would change
-    the result is two texts both over the limit: "longest first" then gives the odd leftover
-    token to the longer one, so the document is cut one token shorter than the query when the
-    query is truly longer (tests compare every case with plain pair encoding)."""
+    pair, from texts the tokenizer already cut at max_length. The one case where that pre-cut
+    would change the result is two texts both over the limit: "longest first" then gives the
+    odd leftover token to the longer one, so the document is cut one token shorter than the
+    query when the query is truly longer (tests compare every case with plain pair encoding)."""
     t0 = time.perf_counter()
     tok = tokenizer.full  # truncation settings and the pair post-processor
     queries = list(dict.fromkeys(q for q, _ in pairs))

@@ -113,22 +113,29 @@ def test_plot_draws_concurrency_with_error_bars(two_point_sweep, tmp_path):
 
 def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, tmp_path):
     cwd, _, _ = two_point_sweep
-    a = run_dir(cwd, "09_concurrency")
-    b = tmp_path / "b"
-    b.mkdir()
-    def write_b(scale_b4: float, interval_b4=None):
-        for p in a.glob("*.json"):
+    measured = run_dir(cwd, "09_concurrency")
+    m_doc = next(json.loads(p.read_text()) for p in measured.glob("*.json"))
+    assert len(m_doc["confidence"]["pairs_per_s"]) == 2  # every point carries its 95% interval
+    # The measured intervals are as wide as the machine is noisy (a slow CI machine closes few
+    # windows); the verdicts below depend on the width, so both sides get a fixed ±3%.
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+
+    def write(folder: Path, scale_b4: float, scale_b8: float, interval_b4=None):
+        for p in measured.glob("*.json"):
             doc = json.loads(p.read_text())
-            factor = scale_b4 if doc["params"]["batch"] == 4 else 1.02
-            doc["summary"]["pairs_per_s"] *= factor
-            ci = doc["confidence"]
-            ci["pairs_per_s"] = [x * factor for x in ci["pairs_per_s"]] if ci["pairs_per_s"] else None
-            ci["pairs_per_s"] = interval_b4 if interval_b4 and doc["params"]["batch"] == 4 else ci["pairs_per_s"]
-            (b / p.name).write_text(json.dumps(doc))
+            doc["summary"]["pairs_per_s"] *= scale_b4 if doc["params"]["batch"] == 4 else scale_b8
+            speed = doc["summary"]["pairs_per_s"]
+            doc["confidence"]["pairs_per_s"] = [0.97 * speed, 1.03 * speed]
+            if interval_b4 and doc["params"]["batch"] == 4:
+                doc["confidence"]["pairs_per_s"] = interval_b4
+            (folder / p.name).write_text(json.dumps(doc))
+
+    def write_b(scale_b4: float, interval_b4=None):
+        write(b, scale_b4, 1.02, interval_b4)
         return {r["point"]: r for r in compare(a, b, threshold=0.15)}
 
-    a_doc = next(json.loads(p.read_text()) for p in a.glob("*.json"))
-    assert len(a_doc["confidence"]["pairs_per_s"]) == 2  # every point carries its 95% interval
+    write(a, 1.0, 1.0)
     rows = write_b(0.5)
     slow = next(r for k, r in rows.items() if "b4 " in k)
     same = next(r for k, r in rows.items() if "b8 " in k)

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,10 +36,13 @@ console = Console(width=140)
 
 
 class StandInBackend:
-    """Scores zeros after sleeping `gpu_s` per pair: the GIL is free meanwhile, as in a CUDA call."""
+    """Scores zeros after sleeping `gpu_s` per pair: the GIL is free meanwhile, as in a CUDA call.
+    Every worker's stand-in shares one "GPU": one batch runs at a time, so two model workers can
+    overlap one batch's host work with another's GPU time, not double the GPU."""
 
     packed = True
     varlen_attention = True
+    gpu = threading.Lock()
 
     def __init__(self, gpu_s: float):
         self.gpu_s = gpu_s
@@ -46,7 +50,8 @@ class StandInBackend:
     def forward(self, input_ids, attention_mask, token_type_ids):
         import numpy as np
 
-        time.sleep(self.gpu_s * len(input_ids))
+        with self.gpu:
+            time.sleep(self.gpu_s * len(input_ids))
         return np.zeros(len(input_ids), dtype=np.float32)
 
     def describe(self) -> dict:
@@ -54,7 +59,7 @@ class StandInBackend:
 
 
 def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: int, concurrency: int,
-            tokenizers: int) -> dict:
+            tokenizers: int, workers: int = 1) -> dict:
     """One measurement, in this interpreter, on whichever xbench PYTHONPATH holds."""
     import asyncio
 
@@ -68,7 +73,8 @@ def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: i
     cfg = compose_config([f"workload.lengths={lengths}", f"experiment.duration_s={duration}",
                           f"experiment.max_duration_s={duration}", "experiment.warmup_s=2",
                           "batching.max_batch_size=256", "batching.max_batch_tokens=65536",
-                          f"tokenizer_pool.workers={tokenizers}", "tokenizer_pool.mode=process"])
+                          f"tokenizer_pool.workers={tokenizers}", "tokenizer_pool.mode=process",
+                          f"model_pool.workers={workers}"])
     target = (InferTarget if command == "infer-bench" else PipelineTarget)(cfg)
     send = target.sender(make_workload(None, cfg), batch)
     spec = load_spec(cfg, concurrency)
@@ -108,6 +114,7 @@ def main(
     batch: int = typer.Option(128, help="Pairs per request."),
     concurrency: int = typer.Option(16, help="Closed-loop clients."),
     tokenizers: int = typer.Option(1, help="Tokenizer processes (this machine's cores limit pipeline-bench)."),
+    workers: int = typer.Option(1, help="Model workers sharing the one stand-in GPU."),
     against: Optional[str] = typer.Option(None, help="A git revision measured alongside this checkout."),
     out: Path = typer.Option(Path("results/benchmarks/host_overhead.json"), "--out", "-o"),
     child: bool = typer.Option(False, "--child", hidden=True),
@@ -134,13 +141,14 @@ def main(
                         status.update(f"round {r + 1}/{rounds}: {command} {lengths} on {name}")
                         samples.setdefault((command, lengths, name), []).append(run_child(
                             tree, Path(caches) / str(next(measurements)), command, lengths,
-                            str(gpu_us), str(duration), str(batch), str(concurrency), str(tokenizers)))
+                            str(gpu_us), str(duration), str(batch), str(concurrency), str(tokenizers), str(workers)))
     finally:
         if against:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[against])],
                            capture_output=True)
     table = Table(title=f"Host cost per pair around a stand-in GPU ({gpu_us:g} µs/pair, GIL free), batch {batch}, "
-                        f"concurrency {concurrency}, {tokenizers} tokenizer process(es), {rounds} alternating rounds")
+                        f"concurrency {concurrency}, {tokenizers} tokenizer process(es), {workers} model worker(s), "
+                        f"{rounds} alternating rounds")
     for col in ("command", "workload", "code", "pairs/s per round", "main-process CPU µs/pair", "mean pairs/s"):
         table.add_column(col, justify="right" if "pairs" in col or "µs" in col else "left")
     rows = []
@@ -155,7 +163,7 @@ def main(
     from xbench.results.store import environment, write_json
 
     write_json(out, {"env": environment(), "gpu_us_per_pair": gpu_us, "batch": batch, "concurrency": concurrency,
-                     "tokenizer_processes": tokenizers, "against": against, "rows": rows})
+                     "tokenizer_processes": tokenizers, "model_workers": workers, "against": against, "rows": rows})
     console.print(f"wrote {out}")
 
 

@@ -43,6 +43,17 @@ def test_bench_command_writes_a_result_document(tmp_path, tiny_overrides, comman
     assert "Pairs/s" in proc.stdout and "P99" in proc.stdout
 
 
+def test_two_model_workers_load_in_a_fresh_process(tmp_path, tiny_overrides):
+    # Both workers used to import transformers at once on their own threads, and its lazy
+    # modules raised ImportError on one of them: every `model_pool.workers=2` run failed.
+    out = tmp_path / "w2.json"
+    proc = xbench("infer-bench", "-b", "8", "-c", "2", "-n", "6", "--warmup", "0", "-o", str(out),
+                  *tiny_overrides, "model_pool.workers=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["params"]["model_workers"] == 2 and doc["summary"]["requests"] == 6
+
+
 def test_a_grid_writes_one_file_per_point(tmp_path, tiny_overrides):
     proc = xbench("pipeline-bench", "-o", str(tmp_path / "out"), "experiment.batch_sizes=[4,8]",
                   "experiment.concurrency_levels=[1]", "experiment.duration_s=0.5", "experiment.warmup_s=0",

@@ -71,6 +71,10 @@ class ModelPool:
         self._observe = observe
         self._after_batch = after_batch  # on the worker, once the batch's scores are delivered
         self._threads: list[threading.Thread] = []
+        # Backends load one at a time: the libraries they import on first use (transformers'
+        # lazy modules) are not safe to import from two threads at once, and weights loaded
+        # together would double the peak memory for no gain.
+        self._loading = threading.Lock()
         self._warm = threading.Barrier(workers)
         self._ready = threading.Barrier(workers + 1)
         self._load_errors: list[BaseException] = []
@@ -97,7 +101,8 @@ class ModelPool:
              calibrate: Callable[[Backend], None] | None) -> None:
         backend = None
         try:
-            backend = self._create_backend(self.threads)
+            with self._loading:
+                backend = self._create_backend(self.threads)
             if warmup:
                 warmup(backend)
         except BaseException as exc:  # reported by start() on the caller's thread

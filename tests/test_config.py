@@ -40,3 +40,12 @@ def test_unknown_experiment_is_a_config_error():
 def test_backend_alias_mps_means_pytorch_on_mps():
     with pytest.raises(ConfigError, match="device='mps' is not present"):
         compose_config(["model_pool.instances.0.backend=mps"])
+
+
+def test_model_workers_left_open_are_two_beside_cuda_and_one_on_the_cpu():
+    from xbench.core.model_pool import default_workers
+
+    assert compose_config([]).model_pool.workers is None
+    assert default_workers("cuda") == default_workers("cuda:1") == 2
+    assert default_workers("cpu") == default_workers("mps") == 1
+    assert compose_config(["model_pool.workers=3"]).model_pool.workers == 3

@@ -54,6 +54,13 @@ class TokenCounts:
         return d
 
 
+def default_workers(device: str) -> int:
+    """Model workers when the config leaves them open: two share a CUDA device, so one worker's
+    host work (collating, handing scores back, launching) overlaps the other's GPU time; one on
+    the CPU, where a worker's intra-op threads already use every core."""
+    return 2 if str(device).startswith("cuda") else 1
+
+
 def threads_per_worker(workers: int, configured: int | None) -> int:
     if configured:
         return int(configured)
@@ -71,9 +78,10 @@ class ModelPool:
         self._observe = observe
         self._after_batch = after_batch  # on the worker, once the batch's scores are delivered
         self._threads: list[threading.Thread] = []
-        # Backends load one at a time: the libraries they import on first use (transformers'
-        # lazy modules) are not safe to import from two threads at once, and weights loaded
-        # together would double the peak memory for no gain.
+        # Backends load and warm up one at a time: the libraries they import on first use
+        # (transformers' lazy modules) are not safe to import from two threads at once; the CUDA
+        # graphs a worker captures while warming up never overlap another worker's weight copies;
+        # and weights loaded together would double the peak memory for no gain.
         self._loading = threading.Lock()
         self._warm = threading.Barrier(workers)
         self._ready = threading.Barrier(workers + 1)
@@ -103,8 +111,8 @@ class ModelPool:
         try:
             with self._loading:
                 backend = self._create_backend(self.threads)
-            if warmup:
-                warmup(backend)
+                if warmup:
+                    warmup(backend)
         except BaseException as exc:  # reported by start() on the caller's thread
             self._load_errors.append(exc)
         self._warm.wait()

@@ -22,7 +22,7 @@ from xbench.core import cost_model
 from xbench.core.backlog import Backlog
 from xbench.core.batcher import Batcher, ModelBatch
 from xbench.core.memory import MemoryReleaser
-from xbench.core.model_pool import BackendFactory, ModelPool
+from xbench.core.model_pool import BackendFactory, ModelPool, default_workers
 from xbench.core.request import RerankJob, RerankResult
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool
 from xbench.errors import InputTooLong
@@ -71,7 +71,7 @@ class Pipeline:
 
         return cls(model, tokenizers, cfg.batching, factory,
                    {"backend": backend, "device": device, "precision": inst.quantization},
-                   cfg.model_pool.workers, cfg.model_pool.threads_per_worker, observe_batch)
+                   cfg.model_pool.workers or default_workers(device), cfg.model_pool.threads_per_worker, observe_batch)
 
     def start(self) -> "Pipeline":
         self.tokenizers.warmup()

@@ -185,7 +185,7 @@ class RerankService:
             "max_queue_wait_ms": self.server.max_queue_wait_ms,
             "max_query_chars": self.server.max_query_chars,
             "tokenizer_workers": self.cfg.tokenizer_pool.workers,
-            "model_workers": self.cfg.model_pool.workers,
+            "model_workers": first.get("model_workers"),
             "models": models, "ready": self.models.ready, "version": xbench.__version__,
         })
 

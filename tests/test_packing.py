@@ -167,16 +167,30 @@ def test_cuda_graphs_are_refused_by_name_where_they_cannot_run(overrides, messag
 
 # -- the cost model ---------------------------------------------------------------------------
 
-def brute_force_cost(lengths, cost, max_rows):
+def brute_force_cost(lengths, cost, max_rows, max_padded_tokens=10**9):
     """Least total cost over every cut of the sorted order (small n only)."""
     s = sorted(lengths)
     n, best = len(s), float("inf")
     for mask in itertools.product([0, 1], repeat=n - 1):
         bounds = [0] + [i + 1 for i, m in enumerate(mask) if m] + [n]
         runs = [s[a:b] for a, b in zip(bounds, bounds[1:])]
-        if all(len(r) <= max_rows for r in runs):
+        if all(len(r) <= max_rows and (len(r) == 1 or len(r) * r[-1] <= max_padded_tokens) for r in runs):
             best = min(best, sum(cost.batch_cost(r) for r in runs))
     return best
+
+
+def test_packed_varlen_plans_are_the_fewest_batches_within_both_caps():
+    # Packed with varlen attention, every cut computes the same tokens: the plan's fast path
+    # fills batches greedily, and must still reach the least cost with the padded cap binding.
+    rng = np.random.default_rng(2)
+    cost = CostModel(overhead_s=3e-3, per_token_s=2e-7, per_attention_s=1e-9, packed=True, varlen_attention=True)
+    for _ in range(30):
+        lengths = rng.integers(5, 400, size=int(rng.integers(1, 11))).tolist()
+        cuts = plan(lengths, cost, max_rows=4, max_padded_tokens=700)
+        assert sorted(i for c in cuts for i in c) == list(range(len(lengths)))
+        assert all(len(c) <= 4 and (len(c) == 1 or len(c) * max(lengths[i] for i in c) <= 700) for c in cuts)
+        got = sum(cost.batch_cost([lengths[i] for i in c]) for c in cuts)
+        assert got == pytest.approx(brute_force_cost(lengths, cost, 4, 700))
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -254,14 +254,16 @@ class Batcher:
         window = [p for b in self._planned for p in b]
         room = max(0, self.max_batch_size * PLAN_WINDOW_BATCHES - len(window))
         window += [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-        window.sort(key=_SEQ)
+        if not self.bucketing:  # cut in arrival order; bucketing sorts by length anyway
+            window.sort(key=_SEQ)
         self._planned = self._cut(window)
 
     def _cut(self, window: list[QueuedPair]) -> list[list[QueuedPair]]:
-        """Cut arrival-ordered pairs into batches, the batch holding the oldest pair first."""
+        """Cut pairs into batches, the batch holding the oldest pair first."""
         cuts = plan_batches(list(map(_LENGTH, window)), self.max_batch_size, self.max_batch_tokens,
                             self.bucketing, self.cost)
-        cuts.sort(key=min)  # positions in `window` are arrival order
+        arrival = np.fromiter(map(_SEQ, window), dtype=np.int64, count=len(window))
+        cuts.sort(key=lambda idx: arrival[idx].min())
         return [list(map(window.__getitem__, idx)) for idx in cuts]
 
 

@@ -63,7 +63,7 @@ class ModelInstanceConfig:
     packed: Optional[bool] = None
     # CUDA graphs (pytorch, packed, CUDA, fp16/bf16): each batch shape bucket is captured once and
     # replayed, so launching kernels no longer holds the host. Opt-in (true): on an H200 the raw
-    # forward gains 1.4-1.7x, but the pipeline gained only on long-tailed pairs (README, "The
+    # forward gains 1.2-1.7x, but the pipeline gained only on long-tailed pairs (README, "The
     # changes measured"); scripts/gpu_check.sh measures both.
     cuda_graphs: Optional[bool] = None
 

@@ -71,7 +71,8 @@ def plan(lengths: Sequence[int], cost: CostModel, max_rows: int, max_padded_toke
     the length-sorted order (an optimal cut never interleaves lengths); a batch holds at most
     `max_rows` rows and `max_padded_tokens` padded tokens (a lone over-long pair still runs).
     Cuts fall on multiples of max_rows // 32 rows (every row up to 63-row batches), so a plan
-    over thousands of pairs for a wide GPU batch stays a few milliseconds of work."""
+    over thousands of pairs for a wide GPU batch stays a few milliseconds of work; a packed
+    model with varlen attention needs no search at all (`_fewest_batches`)."""
     n = len(lengths)
     if n == 0:
         return []

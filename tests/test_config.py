@@ -49,3 +49,14 @@ def test_model_workers_left_open_are_two_beside_cuda_and_one_on_the_cpu():
     assert default_workers("cuda") == default_workers("cuda:1") == 2
     assert default_workers("cpu") == default_workers("mps") == 1
     assert compose_config(["model_pool.workers=3"]).model_pool.workers == 3
+
+
+def test_tokenizer_workers_left_open_scale_with_the_cores_beside_cuda_only(monkeypatch):
+    import xbench.core.tokenizer_pool as tokenizer_pool
+
+    assert compose_config([]).tokenizer_pool.workers is None
+    for cores, beside_cuda in ((16, 8), (64, 8), (6, 3), (1, 1)):
+        monkeypatch.setattr(tokenizer_pool, "usable_cores", lambda: cores)
+        assert tokenizer_pool.default_workers("cuda:0") == beside_cuda
+        assert tokenizer_pool.default_workers("cpu") == 1
+    assert compose_config(["tokenizer_pool.workers=3"]).tokenizer_pool.workers == 3

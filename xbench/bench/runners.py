@@ -43,7 +43,7 @@ class TokenizeTarget:
         self.pool = TokenizerPool.for_model(self.model.path, max_length, tp, normalize(inst.backend, inst.device)[1])
         self.pool.warmup()
         self.model_info = model_info(self.model)
-        self.params = {"tokenizer_workers": tp.workers, "parallelism": bool(tp.parallelism),
+        self.params = {"tokenizer_workers": self.pool.workers, "parallelism": bool(tp.parallelism),
                        "tokenizer_mode": self.pool.mode, "max_length": max_length}
 
     def length_profile(self, workload: Workload) -> dict:

@@ -26,6 +26,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tokenizers.normalizers import BertNormalizer
 
+from xbench.env import usable_cores
+
 Pair = tuple[str, str]
 
 
@@ -323,6 +325,13 @@ def _process_encode(pairs: list[Pair], direction: str) -> Encoded:
     return _encode(_process_tokenizers[direction], pairs, _process_layout)
 
 
+def default_workers(device: str) -> int:
+    """Tokenizer workers when the config leaves them open: beside a CUDA model the GPU scores
+    pairs faster than several cores tokenize them, so half the cores, up to 8; beside a CPU
+    model one, which leaves the cores to the model."""
+    return max(1, min(8, usable_cores() // 2)) if str(device).startswith("cuda") else 1
+
+
 class TokenizerPool:
     def __init__(self, tokenizer_json: str, workers: int = 1, parallelism: bool = True, mode: str = "thread"):
         self.workers = workers
@@ -354,7 +363,8 @@ class TokenizerPool:
         mode = str(cfg.mode)
         if mode == "auto":
             mode = "process" if str(device).startswith("cuda") else "thread"
-        return cls(load_tokenizer(model_dir, max_length), workers=cfg.workers, parallelism=cfg.parallelism, mode=mode)
+        return cls(load_tokenizer(model_dir, max_length), workers=cfg.workers or default_workers(device),
+                   parallelism=cfg.parallelism, mode=mode)
 
     def _thread_tokenizer(self, direction: str) -> TextTokenizer:
         toks = getattr(self._local, "toks", None)

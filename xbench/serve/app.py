@@ -171,6 +171,7 @@ class RerankService:
             d = p.describe()
             models.append({"model": name, "backend": d["backend"], "device": d["device"], "precision": d["precision"],
                            "max_input_length": p.max_length, "model_workers": d["model_workers"],
+                           "tokenizer_workers": d["tokenizer_workers"],
                            "packed": d["packed"], "planner": d["planner"], "batch_cost_model": d["batch_cost_model"],
                            "relevance_trained": p.model.relevance_trained, "note": p.model.note})
         first = models[0] if models else {}
@@ -184,7 +185,7 @@ class RerankService:
             "max_concurrent_requests": self.server.max_concurrent_requests,
             "max_queue_wait_ms": self.server.max_queue_wait_ms,
             "max_query_chars": self.server.max_query_chars,
-            "tokenizer_workers": self.cfg.tokenizer_pool.workers,
+            "tokenizer_workers": first.get("tokenizer_workers"),
             "model_workers": first.get("model_workers"),
             "models": models, "ready": self.models.ready, "version": xbench.__version__,
         })

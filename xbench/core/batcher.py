@@ -77,20 +77,9 @@ def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int,
     max_batch_tokens. A single over-budget row still runs alone."""
     if cost is not None and bucketing:
         return cost_model.plan(lengths, cost, max_batch_size, max_batch_tokens)
-    order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucketing else list(range(len(lengths)))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        n = lengths[i]
-        if current and (len(current) >= max_batch_size or max(longest, n) * (len(current) + 1) > max_batch_tokens):
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    as_array = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(as_array, kind="stable") if bucketing else np.arange(len(lengths))
+    return cost_model.fill_greedily(order, as_array[order], max_batch_size, max_batch_tokens)
 
 
 def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,

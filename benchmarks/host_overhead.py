@@ -9,7 +9,13 @@ tokenizer processes as beside a CUDA model, and reports pairs/s and the main pro
 microseconds per pair on both workloads. `--against REV` measures a git revision too, in
 alternating rounds (each measurement in a fresh interpreter).
 
+On this 2-core machine one tokenizer process caps pipeline-bench, which hides the main process's
+own limit. `--stand-in-tokenizer` keeps the processes and their traffic but has them return ids of
+about the right lengths without tokenizing, as fast as a many-core GPU host's eight processes: the
+pipeline is then bound by the main process, as it is beside a GPU.
+
     python benchmarks/host_overhead.py [--gpu-us 8] [--duration 8] [--rounds 3] [--against HEAD~1]
+        [--workers 2] [--stand-in-tokenizer]
 """
 
 from __future__ import annotations
@@ -58,8 +64,21 @@ class StandInBackend:
         return {"engine": "stand-in", "gpu_us_per_pair": self.gpu_s * 1e6}
 
 
+def stand_in_encode(pairs: list[tuple[str, str]], direction: str):
+    """What a tokenizer process hands back, made without tokenizing: per pair, ids about as many
+    as BERT's word pieces of its words (1.2 a word, plus 3 special tokens)."""
+    import numpy as np
+
+    from xbench.core.tokenizer_pool import Encoded, split_at
+
+    words = np.fromiter((q.count(" ") + d.count(" ") + 2 for q, d in pairs), dtype=np.int64, count=len(pairs))
+    ends = np.cumsum(np.minimum(3 + words * 6 // 5, 512))
+    flat = np.full(int(ends[-1]) if len(pairs) else 0, 1000, dtype=np.int32)
+    return Encoded(split_at(flat, ends), split_at(np.zeros_like(flat), ends))
+
+
 def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: int, concurrency: int,
-            tokenizers: int, workers: int = 1) -> dict:
+            tokenizers: int, workers: int = 1, stand_in_tokenizer: int = 0) -> dict:
     """One measurement, in this interpreter, on whichever xbench PYTHONPATH holds."""
     import asyncio
 
@@ -67,9 +86,13 @@ def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: i
     from xbench.bench.load import generate
     from xbench.bench.runners import InferTarget, PipelineTarget, load_spec
     from xbench.config import compose_config
+    from xbench.core.tokenizer_pool import TokenizerPool
     from xbench.workload import make_workload
 
     pipeline.create_backend = lambda inst, model_dir, threads: StandInBackend(gpu_us * 1e-6)
+    if stand_in_tokenizer:  # the same processes and traffic, no tokenizing in them
+        TokenizerPool.submit = lambda pool, pairs, direction="right": pool._executor.submit(
+            stand_in_encode, pairs, direction)
     cfg = compose_config([f"workload.lengths={lengths}", f"experiment.duration_s={duration}",
                           f"experiment.max_duration_s={duration}", "experiment.warmup_s=2",
                           "batching.max_batch_size=256", "batching.max_batch_tokens=65536",
@@ -115,6 +138,7 @@ def main(
     concurrency: int = typer.Option(16, help="Closed-loop clients."),
     tokenizers: int = typer.Option(1, help="Tokenizer processes (this machine's cores limit pipeline-bench)."),
     workers: int = typer.Option(1, help="Model workers sharing the one stand-in GPU."),
+    stand_in_tokenizer: bool = typer.Option(False, help="Tokenizer processes hand back ids without tokenizing."),
     against: Optional[str] = typer.Option(None, help="A git revision measured alongside this checkout."),
     out: Path = typer.Option(Path("results/benchmarks/host_overhead.json"), "--out", "-o"),
     child: bool = typer.Option(False, "--child", hidden=True),
@@ -141,14 +165,15 @@ def main(
                         status.update(f"round {r + 1}/{rounds}: {command} {lengths} on {name}")
                         samples.setdefault((command, lengths, name), []).append(run_child(
                             tree, Path(caches) / str(next(measurements)), command, lengths,
-                            str(gpu_us), str(duration), str(batch), str(concurrency), str(tokenizers), str(workers)))
+                            str(gpu_us), str(duration), str(batch), str(concurrency), str(tokenizers), str(workers),
+                            str(int(stand_in_tokenizer))))
     finally:
         if against:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[against])],
                            capture_output=True)
     table = Table(title=f"Host cost per pair around a stand-in GPU ({gpu_us:g} µs/pair, GIL free), batch {batch}, "
-                        f"concurrency {concurrency}, {tokenizers} tokenizer process(es), {workers} model worker(s), "
-                        f"{rounds} alternating rounds")
+                        f"concurrency {concurrency}, {tokenizers} {'stand-in ' if stand_in_tokenizer else ''}tokenizer "
+                        f"process(es), {workers} model worker(s), {rounds} alternating rounds")
     for col in ("command", "workload", "code", "pairs/s per round", "main-process CPU µs/pair", "mean pairs/s"):
         table.add_column(col, justify="right" if "pairs" in col or "µs" in col else "left")
     rows = []
@@ -163,7 +188,8 @@ def main(
     from xbench.results.store import environment, write_json
 
     write_json(out, {"env": environment(), "gpu_us_per_pair": gpu_us, "batch": batch, "concurrency": concurrency,
-                     "tokenizer_processes": tokenizers, "model_workers": workers, "against": against, "rows": rows})
+                     "tokenizer_processes": tokenizers,
+                     "stand_in_tokenizer": stand_in_tokenizer, "model_workers": workers, "against": against, "rows": rows})
     console.print(f"wrote {out}")
 
 

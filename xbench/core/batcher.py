@@ -115,7 +115,8 @@ class _Reservation:
             if self._open:
                 self._open = False
                 self._batcher._incoming -= 1
-                self._batcher._cond.notify_all()
+                if self._batcher._incoming == 0 and self._batcher._pending:  # nothing left to wait for
+                    self._batcher._cond.notify()
 
 
 class Batcher:
@@ -148,13 +149,18 @@ class Batcher:
         """Queue a tokenized job's pairs; its reservation, if any, is used up."""
         assert job.encoded is not None
         with self._cond:
+            was_empty = not self._pending
             first = self._arrivals
             self._arrivals += len(job.encoded.ids)
             enc = job.encoded
             self._pending.extend(map(QueuedPair, repeat(job, len(enc.ids)), range(len(enc.ids)), enc.lengths,
                                      range(first, self._arrivals), enc.ids, enc.type_ids))
-            job.release_reservation()
-            self._cond.notify_all()
+            job.release_reservation()  # wakes a worker itself if that was the last job on its way
+            # Wake one worker only when its decision changes: an idle one starts timing the
+            # oldest pair, or a full batch is there. A wake-up that finds nothing due costs a GIL
+            # hand-over on the thread that delivers tokenized jobs, per job.
+            if was_empty or len(self._pending) >= self.max_batch_size:
+                self._cond.notify()
         job.add_done_callback(self._job_ended)
 
     def _job_ended(self, job: RerankJob) -> None:
@@ -194,6 +200,8 @@ class Batcher:
                         self._cond.wait(self.timeout_s - self._waited())
                         continue
                 if self._planned:
+                    if len(self._planned) > 1:  # more batches are cut: pass them to another worker
+                        self._cond.notify()
                     return self._planned.pop(0)
                 if self._closed:
                     return None

@@ -69,12 +69,13 @@ def stand_in_encode(pairs: list[tuple[str, str]], direction: str):
     as BERT's word pieces of its words (1.2 a word, plus 3 special tokens)."""
     import numpy as np
 
-    from xbench.core.tokenizer_pool import Encoded, split_at
+    from xbench.core.tokenizer_pool import Encoded
 
     words = np.fromiter((q.count(" ") + d.count(" ") + 2 for q, d in pairs), dtype=np.int64, count=len(pairs))
-    ends = np.cumsum(np.minimum(3 + words * 6 // 5, 512))
-    flat = np.full(int(ends[-1]) if len(pairs) else 0, 1000, dtype=np.int32)
-    return Encoded(split_at(flat, ends), split_at(np.zeros_like(flat), ends))
+    lengths = np.minimum(3 + words * 6 // 5, 512)
+    make = getattr(Encoded, "from_pairs", Encoded)  # revisions before flat Encoded took per-pair arrays
+    return make([np.full(n, 1000, dtype=np.int32) for n in lengths.tolist()],
+                [np.zeros(n, dtype=np.int32) for n in lengths.tolist()])
 
 
 def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: int, concurrency: int,

@@ -3,7 +3,7 @@
 import numpy as np
 
 from xbench.config import BatchingConfig
-from xbench.core.batcher import Batcher, collate, plan_batches
+from xbench.core.batcher import Batcher, _TokenStore, collate, plan_batches
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import Encoded
 from xbench.errors import RequestCancelled
@@ -21,7 +21,7 @@ class Clock:
 
 def encoded(lengths):
     ids = [np.arange(1, n + 1, dtype=np.int32) for n in lengths]
-    return Encoded(ids, [np.zeros(n, dtype=np.int32) for n in lengths])
+    return Encoded.from_pairs(ids, [np.zeros(n, dtype=np.int32) for n in lengths])
 
 
 def job(lengths, clock=None):
@@ -34,21 +34,26 @@ def job(lengths, clock=None):
 
 def score_by_length(batch):
     """The "model" scores a pair by its length: any mix-up of order shows."""
-    for m in batch.members:
-        m.job.deliver([m.index], np.array([m.length], dtype=np.float32), 0.0)
+    lengths = batch.attention_mask.sum(axis=1).astype(np.float32)
+    for j, rows in batch.by_job():
+        j.deliver(batch.index[rows], lengths[rows], 0.0)
+
+
+def cuts(batches):
+    return [b.tolist() for b in batches]
 
 
 def test_plan_batches_buckets_by_length():
     lengths = [50, 10, 40, 12, 45, 11]
-    assert plan_batches(lengths, 3, 10**6, bucketing=True) == [[1, 5, 3], [2, 4, 0]]
-    assert plan_batches(lengths, 3, 10**6, bucketing=False) == [[0, 1, 2], [3, 4, 5]]
+    assert cuts(plan_batches(lengths, 3, 10**6, bucketing=True)) == [[1, 5, 3], [2, 4, 0]]
+    assert cuts(plan_batches(lengths, 3, 10**6, bucketing=False)) == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_plan_batches_respects_the_padded_token_budget():
     # 4 rows of 30 = 120 padded tokens > 100: the 4th row starts a new batch
-    assert plan_batches([30, 30, 30, 30], 8, 100, bucketing=True) == [[0, 1, 2], [3]]
+    assert cuts(plan_batches([30, 30, 30, 30], 8, 100, bucketing=True)) == [[0, 1, 2], [3]]
     # a single over-budget row still runs alone rather than never
-    assert plan_batches([500], 8, 100, bucketing=True) == [[0]]
+    assert cuts(plan_batches([500], 8, 100, bucketing=True)) == [[0]]
 
 
 def test_bucketing_cuts_padding():
@@ -98,7 +103,7 @@ def test_a_reservation_holds_the_batch_open_until_its_pairs_arrive():
     assert not b._due_now()  # 2 of 4 rows, more on their way, the timeout not reached
     b.put(second)  # arrives: uses up its reservation
     batch = b.next_batch()
-    assert batch.rows == 4 and {m.job for m in batch.members} == {first, second}
+    assert batch.rows == 4 and set(batch.jobs) == {first, second}
 
 
 def test_the_timeout_bounds_the_wait_for_a_reservation_that_never_arrives():
@@ -129,8 +134,8 @@ def test_disabled_batching_never_mixes_requests():
     j1, j2 = job([3, 4]), job([5])
     b.put(j1)
     b.put(j2)
-    assert {m.job for m in b.next_batch().members} == {j1}
-    assert {m.job for m in b.next_batch().members} == {j2}
+    assert b.next_batch().jobs == [j1]
+    assert b.next_batch().jobs == [j2]
 
 
 def test_cancelled_jobs_are_dropped_before_compute():
@@ -140,7 +145,8 @@ def test_cancelled_jobs_are_dropped_before_compute():
     b.put(kept)
     gone.cancel()
     batch = b.next_batch()
-    assert [m.job for m in batch.members] == [kept]
+    assert batch.jobs == [kept] and batch.rows == 1
+    assert sum(b._tokens._queued.values()) == 0  # the cancelled pairs' tokens were let go too
     try:
         gone.result(0)
     except RequestCancelled:
@@ -155,3 +161,37 @@ def test_close_drains_then_ends():
     b.close()
     assert b.next_batch() is not None
     assert b.next_batch() is None
+
+
+def test_a_batch_mixing_many_requests_holds_each_pairs_own_tokens():
+    """Rows are gathered from the batcher's token store, in blocks that requests share (here so
+    small that batches span several): every row holds its own pair's ids, mask and types, every
+    score reaches its pair, and the store lets go of every block once its pairs are taken."""
+    b = Batcher(BatchingConfig(max_batch_size=8, timeout_ms=1000))
+    b._tokens = _TokenStore(block_tokens=16)
+    rng = np.random.default_rng(0)
+    jobs = []
+    for j in range(12):
+        lengths = rng.integers(1, 12, size=int(rng.integers(1, 6))).tolist()
+        pair_ids = [100 * j + i + 1 for i in range(len(lengths))]  # never 0, the padding id
+        queued = RerankJob([])
+        queued.queued(Encoded.from_pairs([np.full(n, p, dtype=np.int32) for p, n in zip(pair_ids, lengths)],
+                                         [np.ones(n, dtype=np.int32) for n in lengths]))
+        b.put(queued)
+        jobs.append((queued, pair_ids, lengths))
+    length_of = {p: n for _, ids, lengths in jobs for p, n in zip(ids, lengths)}
+    spanned = 0
+    while not all(j.done for j, _, _ in jobs):
+        batch = b.next_batch()
+        first = batch.input_ids[:, 0]
+        lengths = batch.attention_mask.sum(axis=1)
+        assert lengths.tolist() == [length_of[p] for p in first.tolist()]
+        assert ((batch.input_ids == first[:, None]) == batch.attention_mask.astype(bool)).all()
+        assert (batch.token_type_ids == batch.attention_mask).all()
+        spanned = max(spanned, len({p // 100 for p in first.tolist()}))
+        for j, rows in batch.by_job():
+            j.deliver(batch.index[rows], first[rows].astype(np.float32), 0.0)
+    for j, pair_ids, _ in jobs:
+        assert j.result(0).logits.tolist() == pair_ids
+    assert spanned > 2  # batches did mix requests from several blocks
+    assert list(b._tokens._queued.values()) == [0] and b._tokens._top == 0

@@ -252,7 +252,7 @@ def test_a_lone_long_tailed_request_is_cut_into_length_groups():
     from xbench.core.request import RerankJob
 
     job = RerankJob([])
-    job.queued(Encoded(ids, [np.zeros(n, dtype=np.int32) for n in lengths]))
+    job.queued(Encoded.from_pairs(ids, [np.zeros(n, dtype=np.int32) for n in lengths]))
     b.put(job)  # nothing else queued or on its way
     widths = []
     while sum(widths) < len(lengths):

@@ -131,7 +131,7 @@ def test_auto_tokenizer_mode_uses_processes_beside_a_cuda_model(tiny_model, devi
     pool = TokenizerPool.for_model(tiny_model, 64, cfg, device)
     try:
         assert pool.mode == mode
-        assert pool.submit([("q", "a document")]).result(timeout=60).lengths == [6]  # [CLS] q [SEP] a document [SEP]
+        assert pool.submit([("q", "a document")]).result(timeout=60).lengths.tolist() == [6]  # [CLS] q [SEP] a document [SEP]
     finally:
         pool.close()
 

@@ -52,7 +52,7 @@ class TokenizeTarget:
     def sender(self, workload: Workload, batch: int) -> Send:
         async def send(i: int) -> Sent:
             enc = await asyncio.wrap_future(self.pool.submit(workload.request(i, batch).pairs))
-            return Sent(pairs=len(enc.ids), stages_s={"tokenize": enc.tokenize_s}, tokens=enc.total_tokens)
+            return Sent(pairs=len(enc), stages_s={"tokenize": enc.tokenize_s}, tokens=enc.total_tokens)
 
         return send
 

@@ -22,9 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import attrgetter
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -32,29 +30,23 @@ from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.cost_model import CostModel
 from xbench.core.request import RerankJob
-from xbench.core.tokenizer_pool import Encoded
+from xbench.core.tokenizer_pool import Encoded, run_positions
 
 PLAN_WINDOW_BATCHES = 8  # pairs planned at once: the oldest max_batch_size x this many
-
-
-@dataclass(eq=False, slots=True)
-class QueuedPair:
-    job: RerankJob
-    index: int
-    length: int
-    seq: int = 0  # arrival order in the batcher
-    ids: np.ndarray | None = None  # the pair's token ids and token types, for collate
-    type_ids: np.ndarray | None = None
+TOKEN_BLOCK = 1 << 20  # tokens a block of the batcher's token store holds (8 MiB of ids and types)
 
 
 @dataclass
 class ModelBatch:
-    """A padded batch ready for a backend, and whose pairs it holds."""
+    """A padded batch ready for a backend, and whose pairs it holds: job k's pairs are rows
+    bounds[k]:bounds[k + 1], and row r is pair index[r] of its job."""
 
     input_ids: np.ndarray  # int64 [rows, seq]
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
-    members: list[QueuedPair] = field(default_factory=list)
+    jobs: list[RerankJob] = field(default_factory=list)
+    bounds: list[int] = field(default_factory=lambda: [0])
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def rows(self) -> int:
@@ -68,9 +60,13 @@ class ModelBatch:
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def by_job(self) -> Iterator[tuple[RerankJob, slice]]:
+        """Each job with the rows that hold its pairs."""
+        return ((job, slice(a, b)) for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:]))
 
-def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int, bucketing: bool,
-                 cost: CostModel | None = None) -> list[list[int]]:
+
+def plan_batches(lengths: np.ndarray | list[int], max_batch_size: int, max_batch_tokens: int, bucketing: bool,
+                 cost: CostModel | None = None) -> list[np.ndarray]:
     """Cut positions 0..n-1 into batches. With a cost model (and bucketing): the cuts of least
     estimated cost over the length-sorted order. Without: sorted by length when bucketing, else
     in order, a batch closing at max_batch_size rows or when its padded size would pass
@@ -78,29 +74,123 @@ def plan_batches(lengths: list[int], max_batch_size: int, max_batch_tokens: int,
     if cost is not None and bucketing:
         return cost_model.plan(lengths, cost, max_batch_size, max_batch_tokens)
     as_array = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(as_array, kind="stable") if bucketing else np.arange(len(lengths))
+    order = np.argsort(as_array, kind="stable") if bucketing else np.arange(len(as_array))
     return cost_model.fill_greedily(order, as_array[order], max_batch_size, max_batch_tokens)
 
 
 def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
-                   cost: CostModel | None = None) -> list[tuple[list[int], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+                   cost: CostModel | None = None) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Pre-tokenized pairs cut and padded as the batcher would: (positions, (ids, mask, types)) per
     batch. For measuring a backend alone, or scoring a fixed set of pairs, outside the pipeline."""
-    return [(idx, collate([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx]))
-            for idx in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing, cost)]
+    batches = []
+    for rows in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing, cost):
+        part = enc.take(rows)
+        batches.append((rows, pad(part.flat_ids, part.flat_types, part.lengths)))
+    return batches
 
 
 def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids).
-    Filled through the mask in one step, no Python loop over rows (a GPU takes thousands of
-    pairs a second, and this runs under the GIL)."""
+    """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids)."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return pad(np.concatenate(ids), np.concatenate(type_ids), lengths)
+
+
+def pad(flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows laid back to back in `flat_ids` (and `flat_types`) right-padded to the longest:
+    (input_ids, attention_mask, token_type_ids). Filled through the mask in one step, no Python
+    loop over rows (a GPU takes thousands of pairs a second, and this runs under the GIL)."""
     real = np.arange(int(lengths.max())) < lengths[:, None]  # row-major: each row's tokens in order
     input_ids = np.zeros(real.shape, dtype=np.int64)
     types = np.zeros(real.shape, dtype=np.int64)
-    input_ids[real] = np.concatenate(ids)
-    types[real] = np.concatenate(type_ids)
+    input_ids[real] = flat_ids
+    types[real] = flat_types
     return input_ids, real.astype(np.int64), types
+
+
+@dataclass
+class _Pairs:
+    """Queued pairs as columns, a row a pair: no Python object per pair, since the batcher works
+    under the GIL that a GPU's model workers need, and re-plans a pair several times while it waits."""
+
+    job: np.ndarray  # the job's key in Batcher._jobs
+    index: np.ndarray  # the pair's position in its job
+    length: np.ndarray
+    seq: np.ndarray  # arrival order in the batcher
+    block: np.ndarray  # where its tokens are in the token store: the block ...
+    start: np.ndarray  # ... and the offset of its first token there
+
+    def __len__(self) -> int:
+        return len(self.job)
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return self.job, self.index, self.length, self.seq, self.block, self.start
+
+    def take(self, rows: np.ndarray | slice) -> "_Pairs":
+        return _Pairs(*(c[rows] for c in self.columns()))
+
+    @staticmethod
+    def concat(parts: list["_Pairs"]) -> "_Pairs":
+        return _Pairs(*map(np.concatenate, zip(*(p.columns() for p in parts))))
+
+
+NO_PAIRS = _Pairs(*(np.zeros(0, dtype=np.int64) for _ in range(6)))
+
+
+class _TokenStore:
+    """The queued pairs' token ids and types, copied on arrival into large blocks, so a batch that
+    mixes pairs of many requests is gathered from one or two blocks in a few numpy steps. A block
+    goes once every pair stored in it has left the queue; the newest is refilled from its start."""
+
+    def __init__(self, block_tokens: int = TOKEN_BLOCK):
+        self._block_tokens = block_tokens
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # number -> (ids, types)
+        self._queued: dict[int, int] = {}  # number -> its pairs still queued
+        self._newest = -1
+        self._top = 0  # tokens used in the newest block
+
+    def store(self, enc: Encoded) -> tuple[int, int]:
+        """Copy `enc`'s tokens in: (the block, the offset of its first token)."""
+        n = enc.total_tokens
+        if self._newest not in self._blocks or self._top + n > len(self._blocks[self._newest][0]):
+            self._newest += 1
+            size = max(self._block_tokens, n)
+            self._blocks[self._newest] = (np.empty(size, dtype=np.int32), np.empty(size, dtype=np.int32))
+            self._queued[self._newest] = 0
+            self._top = 0
+        ids, types = self._blocks[self._newest]
+        at = self._top
+        ids[at:at + n], types[at:at + n] = enc.flat_ids, enc.flat_types
+        self._queued[self._newest] += len(enc)
+        self._top += n
+        return self._newest, at
+
+    def arrays(self, blocks: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {b: self._blocks[b] for b in np.unique(blocks).tolist()}
+
+    def release(self, blocks: np.ndarray) -> None:
+        """Pairs stored in `blocks` (one entry a pair) left the queue."""
+        numbers, counts = np.unique(blocks, return_counts=True)
+        for b, n in zip(numbers.tolist(), counts.tolist()):
+            self._queued[b] -= n
+            if self._queued[b] == 0:
+                if b == self._newest:
+                    self._top = 0
+                else:
+                    del self._blocks[b], self._queued[b]
+
+    @staticmethod
+    def gather(pairs: _Pairs, arrays: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs' ids and types back to back, in their order."""
+        at = run_positions(pairs.start, pairs.length)
+        if len(arrays) == 1:
+            ids, types = next(iter(arrays.values()))
+            return ids[at], types[at]
+        flat_ids, flat_types = np.empty(len(at), dtype=np.int32), np.empty(len(at), dtype=np.int32)
+        token_block = np.repeat(pairs.block, pairs.length)
+        for b, (ids, types) in arrays.items():
+            here = token_block == b
+            flat_ids[here], flat_types[here] = ids[at[here]], types[at[here]]
+        return flat_ids, flat_types
 
 
 class _Reservation:
@@ -129,8 +219,13 @@ class Batcher:
         # The planner's cost model: a prior until the pipeline calibrates the running backend.
         self.cost: CostModel | None = cost_model.PRIOR if cfg.planner == "cost" else None
         self._clock = clock
-        self._pending: deque[QueuedPair] = deque()  # arrived since the last plan, oldest first
-        self._planned: list[list[QueuedPair]] = []  # cut, not yet taken; oldest pair's batch first
+        self._jobs: dict[int, list] = {}  # key -> [job, its pairs still queued]
+        self._next_key = 0
+        self._pending: deque[tuple[RerankJob, _Pairs]] = deque()  # arrived since the last plan, oldest first
+        self._pending_pairs = 0
+        self._window = NO_PAIRS  # the pairs of the last plan ...
+        self._planned: list[np.ndarray] = []  # ... its batches not yet taken (rows of the window), oldest pair's first
+        self._tokens = _TokenStore()
         self._incoming = 0  # reservations: jobs being tokenized, whose pairs will arrive soon
         self._arrivals = 0
         self._gone_jobs = 0  # queued jobs that went away (cancelled, failed) ...
@@ -147,19 +242,24 @@ class Batcher:
 
     def put(self, job: RerankJob) -> None:
         """Queue a tokenized job's pairs; its reservation, if any, is used up."""
-        assert job.encoded is not None
+        enc = job.encoded
+        assert enc is not None
+        n = len(enc)
         with self._cond:
             was_empty = not self._pending
-            first = self._arrivals
-            self._arrivals += len(job.encoded.ids)
-            enc = job.encoded
-            self._pending.extend(map(QueuedPair, repeat(job, len(enc.ids)), range(len(enc.ids)), enc.lengths,
-                                     range(first, self._arrivals), enc.ids, enc.type_ids))
+            if n:
+                key, self._next_key = self._next_key, self._next_key + 1
+                self._jobs[key] = [job, n]
+                block, at = self._tokens.store(enc)
+                first, self._arrivals = self._arrivals, self._arrivals + n
+                self._pending.append((job, _Pairs(np.full(n, key), np.arange(n), enc.lengths,
+                                                  np.arange(first, first + n), np.full(n, block), at + enc.starts)))
+                self._pending_pairs += n
             job.release_reservation()  # wakes a worker itself if that was the last job on its way
             # Wake one worker only when its decision changes: an idle one starts timing the
             # oldest pair, or a full batch is there. A wake-up that finds nothing due costs a GIL
             # hand-over on the thread that delivers tokenized jobs, per job.
-            if was_empty or len(self._pending) >= self.max_batch_size:
+            if n and (was_empty or self._pending_pairs >= self.max_batch_size):
                 self._cond.notify()
         job.add_done_callback(self._job_ended)
 
@@ -177,19 +277,24 @@ class Batcher:
     @property
     def queue_size(self) -> int:
         with self._cond:
-            return len(self._pending) + sum(len(b) for b in self._planned)
+            return self._pending_pairs + sum(map(len, self._planned))
 
     # -- consumers -------------------------------------------------------------------
     def next_batch(self) -> ModelBatch | None:
         """Block until a batch is due; None once the batcher is closed and drained."""
-        members = self._next_members()
-        if members is None:
+        taken = self._take()
+        if taken is None:
             return None
-        # Padding happens outside the lock, on the worker's thread.
-        input_ids, mask, types = collate(list(map(_IDS, members)), list(map(_TYPE_IDS, members)))
-        return ModelBatch(input_ids, mask, types, members)
+        pairs, jobs, bounds, arrays = taken
+        # Gathered and padded outside the lock, on the worker's thread; the store keeps these
+        # pairs' tokens until they are released.
+        input_ids, mask, types = pad(*_TokenStore.gather(pairs, arrays), pairs.length)
+        with self._cond:
+            self._tokens.release(pairs.block)
+        return ModelBatch(input_ids, mask, types, jobs, bounds, pairs.index)
 
-    def _next_members(self) -> list[QueuedPair] | None:
+    def _take(self) -> tuple[_Pairs, list[RerankJob], list[int], dict] | None:
+        """The next batch's pairs, their rows grouped by job, with their jobs and token blocks."""
         with self._cond:
             while True:
                 self._drop_gone()
@@ -202,11 +307,22 @@ class Batcher:
                 if self._planned:
                     if len(self._planned) > 1:  # more batches are cut: pass them to another worker
                         self._cond.notify()
-                    return self._planned.pop(0)
+                    pairs = self._window.take(self._planned.pop(0))
+                    break
                 if self._closed:
                     return None
                 if not self._pending:
                     self._cond.wait()
+            pairs = pairs.take(np.argsort(pairs.job, kind="stable"))
+            keys, firsts, counts = np.unique(pairs.job, return_index=True, return_counts=True)
+            jobs = []
+            for key, n in zip(keys.tolist(), counts.tolist()):
+                entry = self._jobs[key]
+                jobs.append(entry[0])
+                entry[1] -= n
+                if entry[1] == 0:
+                    del self._jobs[key]
+            return pairs, jobs, [*firsts.tolist(), len(pairs)], self._tokens.arrays(pairs.block)
 
     def close(self) -> None:
         with self._cond:
@@ -215,14 +331,14 @@ class Batcher:
 
     # -- internals (called with the lock held) -----------------------------------------
     def _waited(self) -> float:
-        return self._clock() - self._pending[0].job.enqueued
+        return self._clock() - self._pending[0][0].enqueued
 
     def _due_now(self) -> bool:
         """Cut the pending pairs now: a full batch is there, nothing more is on its way, the
         oldest has waited timeout_ms, batching is off, or the batcher is closing."""
         with self._cond:
             return bool(self._pending) and (
-                len(self._pending) >= self.max_batch_size
+                self._pending_pairs >= self.max_batch_size
                 or self._incoming == 0
                 or self._waited() >= self.timeout_s
                 or not self.enabled
@@ -231,37 +347,63 @@ class Batcher:
 
     def _drop_gone(self) -> None:
         """Jobs whose caller went away (or that failed) cost no compute. The queues are scanned
-        only when a queued job has gone since the last scan: a scan costs Python work per pair."""
+        only when a queued job has gone since the last scan."""
         if self._gone_jobs == self._gone_dropped:
             return
         self._gone_dropped = self._gone_jobs
-        if any(p.job.gone for p in self._pending):
-            self._pending = deque(p for p in self._pending if not p.job.gone)
-        if any(p.job.gone for b in self._planned for p in b):
-            self._planned = [kept for b in self._planned if (kept := [p for p in b if not p.job.gone])]
+        gone = [key for key, (job, _) in self._jobs.items() if job.gone]
+        if not gone:
+            return
+        for key in gone:
+            del self._jobs[key]
+        for _, pairs in (entry for entry in self._pending if entry[0].gone):
+            self._pending_pairs -= len(pairs)
+            self._tokens.release(pairs.block)
+        self._pending = deque(entry for entry in self._pending if not entry[0].gone)
+        if self._planned:
+            kept = ~np.isin(self._window.job, gone)
+            planned = np.concatenate(self._planned)
+            self._tokens.release(self._window.block[planned[~kept[planned]]])
+            self._planned = [rows[kept[rows]] for rows in self._planned if kept[rows].any()]
+
+    def _still_planned(self) -> _Pairs:
+        return self._window.take(np.concatenate(self._planned)) if self._planned else NO_PAIRS
+
+    def _pop_pending(self, room: int) -> _Pairs:
+        """Up to `room` of the oldest pending pairs, out of the pending queue."""
+        parts = []
+        while room > 0 and self._pending:
+            job, pairs = self._pending[0]
+            if len(pairs) > room:  # the rest of this job stays pending
+                self._pending[0] = (job, pairs.take(slice(room, None)))
+                pairs = pairs.take(slice(0, room))
+            else:
+                self._pending.popleft()
+            parts.append(pairs)
+            room -= len(pairs)
+            self._pending_pairs -= len(pairs)
+        return _Pairs.concat(parts) if parts else NO_PAIRS
 
     def _plan(self) -> None:
         """Re-plan the batches not yet taken together with the pairs that arrived since: the
         oldest pairs (a window of whole batches) are cut, the oldest pair's batch first."""
+        kept = self._still_planned()
         if not self.enabled:  # no cross-request batching: one request at a time, in arrival order
-            head = self._pending[0].job
-            take = next((i for i, p in enumerate(self._pending) if p.job is not head), len(self._pending))
-            self._planned += self._cut([self._pending.popleft() for _ in range(take)])
+            _, head = self._pending.popleft()
+            self._pending_pairs -= len(head)
+            ends = np.cumsum([len(rows) for rows in self._planned]).tolist()
+            self._window = _Pairs.concat([kept, head])
+            self._planned = [np.arange(a, b) for a, b in zip([0, *ends[:-1]], ends)]
+            self._planned += [rows + len(kept) for rows in self._cut(head)]
             return
-        window = [p for b in self._planned for p in b]
-        room = max(0, self.max_batch_size * PLAN_WINDOW_BATCHES - len(window))
-        window += [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        room = max(0, self.max_batch_size * PLAN_WINDOW_BATCHES - len(kept))
+        window = _Pairs.concat([kept, self._pop_pending(room)])
         if not self.bucketing:  # cut in arrival order; bucketing sorts by length anyway
-            window.sort(key=_SEQ)
-        self._planned = self._cut(window)
+            window = window.take(np.argsort(window.seq, kind="stable"))
+        self._window, self._planned = window, self._cut(window)
 
-    def _cut(self, window: list[QueuedPair]) -> list[list[QueuedPair]]:
-        """Cut pairs into batches, the batch holding the oldest pair first."""
-        cuts = plan_batches(list(map(_LENGTH, window)), self.max_batch_size, self.max_batch_tokens,
-                            self.bucketing, self.cost)
-        arrival = np.fromiter(map(_SEQ, window), dtype=np.int64, count=len(window))
-        cuts.sort(key=lambda idx: arrival[idx].min())
-        return [list(map(window.__getitem__, idx)) for idx in cuts]
-
-
-_SEQ, _LENGTH, _IDS, _TYPE_IDS = attrgetter("seq"), attrgetter("length"), attrgetter("ids"), attrgetter("type_ids")
+    def _cut(self, pairs: _Pairs) -> list[np.ndarray]:
+        """Cut pairs into batches (rows of `pairs`), the batch holding the oldest pair first."""
+        cuts = plan_batches(pairs.length, self.max_batch_size, self.max_batch_tokens, self.bucketing, self.cost)
+        cuts.sort(key=lambda rows: pairs.seq[rows].min())
+        return cuts

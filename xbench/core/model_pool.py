@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -142,8 +141,8 @@ class ModelPool:
             logits = backend.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         except Exception as exc:  # a bad batch fails its jobs, never the worker
             log.exception("forward failed on a batch of %d rows", batch.rows)
-            for m in batch.members:
-                m.job.fail(exc)
+            for job, _ in batch.by_job():
+                job.fail(exc)
             return
         elapsed = time.perf_counter() - start
         real = batch.real_tokens
@@ -151,14 +150,8 @@ class ModelPool:
             self.tokens.add(batch.rows, real, batch.padded_tokens, real if self.packed else batch.padded_tokens)
         if self._observe:
             self._observe(batch, elapsed)
-        # Group rows by job so each job takes its lock once per batch.
-        by_job: dict[Any, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-        for row, m in enumerate(batch.members):
-            indices, rows = by_job[m.job]
-            indices.append(m.index)
-            rows.append(row)
-        for job, (indices, rows) in by_job.items():
-            job.deliver(indices, logits[rows], start)
+        for job, rows in batch.by_job():  # a job's rows lie together: one call a job, not a pair
+            job.deliver(batch.index[rows], logits[rows], start)
 
     def token_counts(self) -> TokenCounts:
         """A snapshot of the token counters (subtract two with `since`)."""

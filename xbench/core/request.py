@@ -97,13 +97,13 @@ class RerankJob:
         self.encoded = encoded
         self.tokenize_started = now - encoded.tokenize_s
         self.enqueued = now
-        n = len(encoded.ids)
+        n = len(encoded)
         self._logits = np.empty(n, dtype=np.float32)
         self._remaining = n
         if n == 0:  # nothing to score
             self._finish()
 
-    def deliver(self, indices: list[int], logits: np.ndarray, infer_start: float) -> None:
+    def deliver(self, indices: np.ndarray | list[int], logits: np.ndarray, infer_start: float) -> None:
         """Scores of some of its pairs, from one model batch."""
         with self._lock:
             if self._done.is_set():
@@ -112,7 +112,7 @@ class RerankJob:
             self._logits[indices] = logits
             self._remaining -= len(indices)
             if self.backlog is not None:
-                self._owe(-sum(map(self.encoded.lengths.__getitem__, indices)))  # type: ignore[union-attr]
+                self._owe(-int(self.encoded.lengths[indices].sum()))  # type: ignore[union-attr]
             if self._first_infer is None or infer_start < self._first_infer:
                 self._first_infer = infer_start
             finished = self._remaining == 0

@@ -11,6 +11,7 @@ calling thread alone.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -33,36 +34,70 @@ Pair = tuple[str, str]
 
 @dataclass
 class Encoded:
-    """Token ids of a list of pairs, unpadded, one int32 array per pair."""
+    """Token ids of a list of pairs, unpadded and back to back: pair i's ids are
+    flat_ids[starts[i]:starts[i] + lengths[i]], its token types the same run of flat_types.
 
-    ids: list[np.ndarray]
-    type_ids: list[np.ndarray]
+    Flat arrays, not an array per pair: from a tokenizer process they come as three buffers, and
+    the batcher copies them and gathers a batch's rows from them in a few numpy steps. Per-pair
+    Python work runs under the GIL that a GPU's model workers need, once per pair per stage."""
+
+    flat_ids: np.ndarray  # int32 [total tokens]
+    flat_types: np.ndarray  # int32 [total tokens]
+    lengths: np.ndarray  # int64 [pairs]
     tokenize_s: float = 0.0  # time spent inside the tokenizer
     truncated: int = 0  # pairs cut to max_length
 
-    # Read per pair by the batcher and the jobs: worked out once (an Encoded is never changed).
-    @cached_property
-    def lengths(self) -> list[int]:
-        return list(map(len, self.ids))
+    @classmethod
+    def from_pairs(cls, ids: Sequence[np.ndarray], type_ids: Sequence[np.ndarray], tokenize_s: float = 0.0,
+                   truncated: int = 0) -> "Encoded":
+        """From one array of ids and one of token types per pair."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        if not len(ids):
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), lengths, tokenize_s, truncated)
+        return cls(np.concatenate(ids).astype(np.int32, copy=False),
+                   np.concatenate(type_ids).astype(np.int32, copy=False), lengths, tokenize_s, truncated)
 
-    @cached_property
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
     def total_tokens(self) -> int:
-        return sum(self.lengths)
+        return int(self.flat_ids.size)
 
-    # Between processes (`mode: process`) as three flat arrays, not one pickled array per pair:
-    # the receiving side unpickles under its GIL, which the model workers need.
+    # Worked out once when asked for (an Encoded is never changed), and never pickled.
+    @cached_property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.lengths) - self.lengths
+
+    @cached_property
+    def ids(self) -> list[np.ndarray]:
+        """Each pair's ids as an array of its own (views into flat_ids)."""
+        return split_at(self.flat_ids, self.starts + self.lengths)
+
+    @cached_property
+    def type_ids(self) -> list[np.ndarray]:
+        return split_at(self.flat_types, self.starts + self.lengths)
+
+    def take(self, rows: np.ndarray) -> "Encoded":
+        """The pairs at positions `rows`, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        at = run_positions(self.starts[rows], self.lengths[rows])
+        return Encoded(self.flat_ids[at], self.flat_types[at], self.lengths[rows], self.tokenize_s,
+                       self.truncated)
+
     def __getstate__(self) -> dict:
-        lengths = np.asarray(self.lengths, dtype=np.int64)
-        flat = (np.concatenate(self.ids), np.concatenate(self.type_ids)) if self.ids else (None, None)
-        return {"flat": flat, "lengths": lengths, "tokenize_s": self.tokenize_s, "truncated": self.truncated}
+        return {k: self.__dict__[k] for k in ("flat_ids", "flat_types", "lengths", "tokenize_s", "truncated")}
 
     def __setstate__(self, state: dict) -> None:
-        ids, types = state["flat"]
-        ends = np.cumsum(state["lengths"])
-        self.ids = split_at(ids, ends) if ids is not None else []
-        self.type_ids = split_at(types, ends) if types is not None else []
-        self.tokenize_s, self.truncated = state["tokenize_s"], state["truncated"]
-        self.__dict__["lengths"] = state["lengths"].tolist()
+        self.__dict__.update(state)
+
+
+def run_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions starts[0] .. starts[0] + lengths[0] - 1, then the second run's, and so on: the
+    flat positions of runs, one numpy step for all of them."""
+    total = int(lengths.sum())
+    firsts = np.cumsum(lengths) - lengths  # where each run begins in the result
+    return np.repeat(starts - firsts, lengths) + np.arange(total)
 
 
 def split_at(flat: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
@@ -217,18 +252,17 @@ class PairLayout:
     def _agrees(self, tok: Tokenizer, query: str, document: str) -> bool:
         q, d = (tok.encode(t, add_special_tokens=False) for t in (query, document))
         want = tok.post_process(q, d, add_special_tokens=True)
-        ids, types, _ = self.join(np.asarray(q.ids, dtype=np.int32), [d.ids], 10**9, "right")
-        return ids[0].tolist() == want.ids and types[0].tolist() == want.type_ids
+        joined = self.join(np.asarray(q.ids, dtype=np.int32), [d.ids], 10**9, "right")
+        return joined.flat_ids.tolist() == want.ids and joined.flat_types.tolist() == want.type_ids
 
     @property
     def specials(self) -> int:
         return len(self.head[0]) + len(self.middle[0]) + len(self.tail[0])
 
-    def join(self, query: np.ndarray, documents: list[list[int]], budget: int, direction: str
-             ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    def join(self, query: np.ndarray, documents: list[list[int]], budget: int, direction: str) -> Encoded:
         """One query with each document, the documents cut to fit `budget` text tokens (the query
-        is short enough to stay whole: longest-first cuts only the document), in numpy: (ids,
-        type ids, pairs cut). The only Python work per pair is reading its document's ids."""
+        is short enough to stay whole: longest-first cuts only the document), in numpy; `truncated`
+        counts the documents cut. The only Python work per pair is reading its document's ids."""
         n = len(documents)
         doc_len = np.fromiter(map(len, documents), dtype=np.int64, count=n)
         flat_docs = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int32, count=int(doc_len.sum()))
@@ -251,7 +285,7 @@ class PairLayout:
         ids[to], types[to] = flat_docs[first_kept[rows] + within], self.document_type
         tail_at = (starts + len(lead_ids) + keep)[:, None] + np.arange(len(tail_ids))
         ids[tail_at], types[tail_at] = tail_ids, tail_types
-        return split_at(ids, ends), split_at(types, ends), int((keep < doc_len).sum())
+        return Encoded(ids, types, lengths, truncated=int((keep < doc_len).sum()))
 
 
 def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | None = None) -> Encoded:
@@ -268,6 +302,8 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
     odd leftover token to the longer one, so the document is cut one token shorter than the
     query when the query is truly longer (tests compare every case with plain pair encoding)."""
     t0 = time.perf_counter()
+    if not pairs:
+        return Encoded.from_pairs([], [])
     tok = tokenizer.full  # truncation settings and the pair post-processor
     queries = list(dict.fromkeys(q for q, _ in pairs))
     query_encodings = dict(zip(queries, tokenizer.encode(queries)))
@@ -277,22 +313,24 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
     joined = layout is not None and all(2 * _full_length(e) <= budget for e in query_encodings.values())
     texts = [d for _, d in pairs]
     documents = tokenizer.encode_ids(texts) if joined else tokenizer.encode(texts)
-    ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
-    type_ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
-    truncated = 0
     by_query: dict[str, list[int]] = {}
     for i, (q, _) in enumerate(pairs):
         by_query.setdefault(q, []).append(i)
+    if joined:
+        groups = [layout.join(np.asarray(query_encodings[q].ids, dtype=np.int32), [documents[i] for i in rows],
+                              budget, direction) for q, rows in by_query.items()]
+        if len(groups) == 1:  # one query: its documents are the pairs, in order
+            return dataclasses.replace(groups[0], tokenize_s=time.perf_counter() - t0)
+        together = Encoded(np.concatenate([g.flat_ids for g in groups]), np.concatenate([g.flat_types for g in groups]),
+                           np.concatenate([g.lengths for g in groups]), truncated=sum(g.truncated for g in groups))
+        in_pair_order = together.take(np.argsort(np.concatenate(list(by_query.values())), kind="stable"))
+        return dataclasses.replace(in_pair_order, tokenize_s=time.perf_counter() - t0)
+    ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
+    type_ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
+    truncated = 0
     for q, rows in by_query.items():
         query = query_encodings[q]
         nq = _full_length(query)
-        if joined:
-            got_ids, got_types, cut = layout.join(np.asarray(query.ids, dtype=np.int32),
-                                                  [documents[i] for i in rows], budget, direction)
-            truncated += cut
-            for i, a, t in zip(rows, got_ids, got_types):
-                ids[i], type_ids[i] = a, t
-            continue
         for i in rows:
             doc = documents[i]
             nd = _full_length(doc)
@@ -303,7 +341,7 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
             pair = tok.post_process(query, doc, add_special_tokens=True)
             ids[i] = np.asarray(pair.ids, dtype=np.int32)
             type_ids[i] = np.asarray(pair.type_ids, dtype=np.int32)
-    return Encoded(ids, type_ids, time.perf_counter() - t0, truncated)
+    return Encoded.from_pairs(ids, type_ids, time.perf_counter() - t0, truncated)
 
 
 # Per-process state of `mode: process` workers: the JSON, the layout, a tokenizer per direction.

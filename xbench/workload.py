@@ -92,8 +92,10 @@ class Workload:
             docs = own[:batch]
         else:
             start = (i * batch + len(own)) % len(self._flat)
-            extra = [self._flat[(start + k) % len(self._flat)] for k in range(batch - len(own))]
-            docs = own + extra
+            docs = list(own)
+            while len(docs) < batch:  # the pool from `start` on, wrapping around
+                docs += self._flat[start:start + batch - len(docs)]
+                start = 0
         return Request(self.queries[q], tuple(docs))
 
     @property

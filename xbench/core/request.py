@@ -19,6 +19,7 @@ pairs are coming and may wait for them to fill a batch; whichever way the job le
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class RerankJob:
     def count_work(self, backlog: Backlog) -> None:
         """Add its estimated tokens to the backlog (made exact once tokenized)."""
         self.backlog = backlog
-        self._chars = sum(len(q) + len(d) for q, d in self.pairs)
+        self._chars = sum(map(len, itertools.chain.from_iterable(self.pairs)))
         self._owe(backlog.estimate(self._chars))
 
     def queued(self, encoded: Encoded) -> None:

@@ -3,10 +3,10 @@
 Workers are threads beside a CPU model and processes beside a CUDA one (`mode: auto`). Threads
 share ids without copying them, and the Rust tokenizer releases the GIL inside encode_batch;
 but the word-piece cache of `TextTokenizer` is Python and holds it, and a CUDA model worker needs
-the GIL to launch kernels, so there each worker gets a process (one tokenizer each) that hands
-back flat arrays. `parallelism` sets TOKENIZERS_PARALLELISM, which the Rust library reads on
-every encode_batch call: on, one call fans out over its rayon threads; off, it runs on the
-calling thread alone.
+the GIL to launch kernels, so there each worker gets a process (one tokenizer each; see
+core/processes.py) that hands back flat arrays. `parallelism` sets TOKENIZERS_PARALLELISM, which
+the Rust library reads on every encode_batch call: on, one call fans out over its rayon threads;
+off, it runs on the calling thread alone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tokenizers.normalizers import BertNormalizer
 
+from xbench.core.processes import WorkerProcesses
 from xbench.env import usable_cores
 
 Pair = tuple[str, str]
@@ -383,13 +384,8 @@ class TokenizerPool:
         self._local = threading.local()
         self._executor: Executor
         if mode == "process":
-            import multiprocessing as mp
-
-            # spawn: forking a process that already ran rayon threads can deadlock.
-            self._executor = ProcessPoolExecutor(
-                workers, mp_context=mp.get_context("spawn"), initializer=_process_init,
-                initargs=(tokenizer_json, parallelism, self.layout),
-            )
+            self._executor = WorkerProcesses(workers, _process_init, (tokenizer_json, parallelism, self.layout),
+                                             name="xbench-tokenizer")
         else:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
 

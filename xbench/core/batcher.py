@@ -14,6 +14,10 @@ are on their way (nothing is being tokenized), or when the oldest pending pair h
 `timeout_ms`; otherwise it waits for the batch to fill. So an idle model never holds a lone
 request back, and a busy one gets full batches. Planned batches run oldest pair first; pairs
 that arrive meanwhile are planned together with the batches not yet taken.
+
+No Python object stands for a pair: beside a GPU the batcher's Python work caps the pipeline, so
+queued pairs are numpy columns (`_Pairs`), their tokens sit in a shared store (`_TokenStore`)
+that a batch is gathered from in a few numpy steps, and scores go back one call per job.
 """
 
 from __future__ import annotations

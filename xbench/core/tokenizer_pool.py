@@ -279,11 +279,9 @@ class PairLayout:
         lead_at = starts[:, None] + np.arange(len(lead_ids))
         ids[lead_at], types[lead_at] = lead_ids, lead_types
         # Document tokens: pair r's kept run, from its start (or its end when cut from the left).
-        rows = np.repeat(np.arange(n), keep)
-        within = np.arange(len(rows)) - np.repeat(np.cumsum(keep) - keep, keep)
         first_kept = np.cumsum(doc_len) - doc_len + (doc_len - keep if direction == "left" else 0)
-        to = starts[rows] + len(lead_ids) + within
-        ids[to], types[to] = flat_docs[first_kept[rows] + within], self.document_type
+        to = run_positions(starts + len(lead_ids), keep)
+        ids[to], types[to] = flat_docs[run_positions(first_kept, keep)], self.document_type
         tail_at = (starts + len(lead_ids) + keep)[:, None] + np.arange(len(tail_ids))
         ids[tail_at], types[tail_at] = tail_ids, tail_types
         return Encoded(ids, types, lengths, truncated=int((keep < doc_len).sum()))

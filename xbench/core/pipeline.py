@@ -164,6 +164,13 @@ class Pipeline:
             "batch_cost_model": self.batcher.cost.describe() if self.batcher.cost else None,
         }
 
+    def fault(self) -> str | None:
+        """What keeps a started pipeline from scoring (a model worker stopped, the tokenizer
+        processes broke), or None."""
+        if not self.models.healthy():
+            return "model pool: not started, or a model worker stopped"
+        return self.tokenizers.fault()
+
     def close(self) -> None:
         self.batcher.close()
         self.models.join()

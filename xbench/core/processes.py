@@ -153,6 +153,11 @@ class WorkerProcesses(Executor):
                     continue
                 self._settle(key, result, error)
 
+    @property
+    def broken(self) -> str | None:
+        """Why the pool takes no more jobs after a worker died, or None while it is whole."""
+        return self._broken
+
     def _lost(self, worker: int) -> None:
         """A worker's results pipe closed: expected after shutdown, a crash before it. A crash
         breaks the pool (as ProcessPoolExecutor's does): every job still out fails, and so does

@@ -431,5 +431,10 @@ class TokenizerPool:
         for f in futures:
             f.result()
 
+    def fault(self) -> str | None:
+        """What keeps the pool from tokenizing (a worker process died), or None."""
+        broken = getattr(self._executor, "broken", None)
+        return f"tokenizer pool: {broken}" if broken else None
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

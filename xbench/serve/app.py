@@ -161,8 +161,8 @@ class RerankService:
             return JSONResponse({"status": "draining"}, status_code=503)
         if self.models.healthy():
             return JSONResponse({"status": "ok"})
-        state = "loading" if not self.models.load_error else "failed"
-        return JSONResponse({"status": state, "error": self.models.load_error}, status_code=503)
+        error = self.models.load_error or (self.models.fault() if self.models.ready else None)
+        return JSONResponse({"status": "failed" if error else "loading", "error": error}, status_code=503)
 
     async def info(self, request: Request) -> Response:
         self.auth.check(request)

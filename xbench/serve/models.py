@@ -62,7 +62,11 @@ class Models:
         return min(self.pipelines().values(), key=lambda p: p.backlog.wait_s())
 
     def healthy(self) -> bool:
-        return self.ready and all(p.models.healthy() for p in self.pipelines().values())
+        return self.ready and self.fault() is None
+
+    def fault(self) -> str | None:
+        """The first served pipeline's reason it cannot score, if any."""
+        return next((f for p in self.pipelines().values() if (f := p.fault())), None)
 
     def require_ready(self) -> None:
         if not self.ready:

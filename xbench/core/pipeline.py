@@ -165,8 +165,8 @@ class Pipeline:
         }
 
     def fault(self) -> str | None:
-        """What keeps a started pipeline from scoring (a model worker stopped, the tokenizer
-        processes broke), or None."""
+        """What keeps the pipeline from scoring (not started, a model worker stopped, the
+        tokenizer processes broke), or None."""
         if not self.models.healthy():
             return "model pool: not started, or a model worker stopped"
         return self.tokenizers.fault()

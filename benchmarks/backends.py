@@ -27,7 +27,7 @@ from xbench.bench.ceilings import ceilings_table, gemm_ceilings
 from xbench.env import cpu_features
 from xbench.bench.runners import progress_bar
 from xbench.config import compose_config
-from xbench.core.batcher import padded_batches
+from xbench.core.batcher import model_batches
 from xbench.core.model_pool import threads_per_worker
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
@@ -61,14 +61,14 @@ def main(
     tok = TokenizerPool(load_tokenizer(resolved.path, 512))
     enc = tok.encode(text_pairs)
     tok.close()
-    batches = padded_batches(enc, batch)
+    batches = model_batches(enc, batch)
     fid_idx = np.arange(min(fidelity_pairs, pairs))
 
     def run_all(backend) -> tuple[np.ndarray, float]:
         logits = np.empty(pairs, dtype=np.float32)
         start = time.perf_counter()
-        for idx, arrays in batches:
-            logits[idx] = backend.forward(*arrays)
+        for idx, b in batches:
+            logits[idx] = b.forward(backend)
         return logits, pairs / (time.perf_counter() - start)
 
     cfg = compose_config([f"model_pool.instances.0.name={model}"])

@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 from xbench.backends import create_backend
 from xbench.config import ModelInstanceConfig
-from xbench.core.batcher import padded_batches
+from xbench.core.batcher import model_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model
 from xbench.results.store import environment, write_json
@@ -48,27 +48,27 @@ def encoded(model_path: Path, lengths: str, pairs: int):
 
 
 def forward_rate(backend, batches, pairs: int, device: str, passes: int = 3) -> float:
-    for idx, arrays in batches:  # load, compile, warm up
-        backend.forward(*arrays)
+    for idx, batch in batches:  # load, compile, warm up (and pad, for a backend that takes padded batches)
+        batch.forward(backend)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(passes):
-        for idx, arrays in batches:
-            backend.forward(*arrays)  # returns host logits: each batch ends synchronized
+        for idx, batch in batches:
+            batch.forward(backend)  # returns host logits: each batch ends synchronized
     return passes * pairs / (time.perf_counter() - t0)
 
 
 def check(model_name: str, paths: list[str], device: str) -> None:
     console = Console(width=160)
     model = resolve_model(model_name)
-    fidelity_batches = padded_batches(encoded(model.path, "longtail", 256), 128)
-    speed_batches = {w: padded_batches(encoded(model.path, w, 2048), 128) for w in WORKLOADS}
+    fidelity_batches = model_batches(encoded(model.path, "longtail", 256), 128)
+    speed_batches = {w: model_batches(encoded(model.path, w, 2048), 128) for w in WORKLOADS}
 
     def scores(backend) -> np.ndarray:
         out = np.empty(256, dtype=np.float32)
-        for idx, arrays in fidelity_batches:
-            out[idx] = backend.forward(*arrays)
+        for idx, batch in fidelity_batches:
+            out[idx] = batch.forward(backend)
         return out
 
     reference = scores(create_backend(ModelInstanceConfig(backend="pytorch", device="cpu", packed=False),

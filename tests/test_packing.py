@@ -9,7 +9,7 @@ import torch
 
 from test_backends import tiny_encoder
 from xbench.backends.base import relevance
-from xbench.backends.packed import Packing
+from xbench.backends.packed import Packing, Shape, pack_inputs
 from xbench.backends.torch_backend import TorchBackend
 from xbench.config import BatchingConfig, compose_config
 from xbench.core import cost_model
@@ -18,6 +18,7 @@ from xbench.core.cost_model import CostModel, fit, load_or_calibrate, plan
 from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer
 from xbench.errors import ConfigError
+from xbench.layout import unpad
 from xbench.models import resolve_model
 from xbench.workload import synthetic
 
@@ -76,45 +77,55 @@ def test_bucketed_packed_inputs_of_cuda_graphs_score_as_the_padded_model(kind, t
     rounded up to a bucket whose spare tokens form spare pairs, and attention per pair by offsets
     (an SDPA loop standing in for flash attention). Only the real pairs' scores come back, and
     they are the padded model's."""
-    from xbench.backends.cuda_graphs import BucketedInputs, GraphedEncoder
+    from xbench.backends.cuda_graphs import GraphedEncoder, bucket
 
     model_dir, batches = architecture_batches(kind, tmp_path, tiny_model)
     padded = TorchBackend(str(model_dir), "cpu", "fp32", threads=2, packed=False)
     packed = TorchBackend(str(model_dir), "cpu", "fp32", threads=2, packed=True)
     graphed = GraphedEncoder(packed.model, torch.device("cpu"), packed.max_positions(packed.model), capture=False)
-    spare = [BucketedInputs(*b, 0, 512) for b in batches]
-    assert any(s.shape.tokens > s.tokens and s.shape.rows > s.rows for s in spare)  # spare pairs in play
+    flat = [unpad(*b) for b in batches]
+    real = [Shape(len(ids), len(lengths), int(lengths.max())) for ids, _, lengths in flat]
+    assert any(bucket(s, 512).tokens > s.tokens and bucket(s, 512).rows > s.rows for s in real)  # spare pairs in play
     ref = np.concatenate([padded.forward(*b) for b in batches])
-    got = np.concatenate([relevance(graphed.forward(*b).numpy()) for b in batches])
+    got = np.concatenate([relevance(graphed.forward(*f).numpy()) for f in flat])
     assert np.abs(got - ref).max() <= 1e-4 and graphed.eager_runs == len(batches)
 
 
 def test_eager_variable_length_attention_scores_as_the_padded_model(monkeypatch, tiny_model):
     """The eager CUDA path's layout on the CPU: attention and the first-token query straight on
     the packed tokens by pair offsets (an SDPA loop standing in for flash attention)."""
-    import xbench.backends.packed as packed_module
+    import xbench.backends.torch_backend as torch_backend
 
-    monkeypatch.setattr(packed_module, "flash_varlen_available", lambda device, dtype: True)
+    monkeypatch.setattr(torch_backend, "flash_varlen_available", lambda device, dtype: True)
     ref, got = both_paths(tiny_model, mixed_batches(tiny_model))
     assert np.std(ref) > 0.1 and np.abs(got - ref).max() <= 1e-4
 
 
 def test_bucketed_inputs_lay_out_spare_pairs_within_the_attention_length():
-    from xbench.backends.cuda_graphs import BucketedInputs, token_bucket
+    from xbench.backends.cuda_graphs import bucket, token_bucket
 
-    lengths = [7, 3, 50, 1]
-    mask = (np.arange(50)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
-    ids = np.where(mask, np.arange(1, 51)[None, :] * 10 + np.arange(4)[:, None], 0)
-    b = BucketedInputs(ids, mask, np.zeros_like(ids), position_offset=2, max_longest=512)
-    tokens, rows, longest = b.shape.tokens, b.shape.rows, b.shape.longest
+    lengths = np.array([7, 3, 50, 1])
+    ids = np.concatenate([np.arange(1, n + 1) * 10 + r for r, n in enumerate(lengths)])
+    shape, buffer = pack_inputs(ids, np.zeros_like(ids), lengths, 2, bucket(Shape(61, 4, 50), 512))
+    tokens, rows, longest = shape.tokens, shape.rows, shape.longest
     assert (tokens, longest) == (token_bucket(61), 64) and tokens >= 61 and rows % 16 == 0
-    ids_v, types_v, pos_v, offsets, first = b.views(b.buffer)
-    assert ids_v[:61].tolist() == ids[mask.astype(bool)].tolist()
+    ids_v, types_v, pos_v, offsets, first = shape.views(buffer)
+    assert ids_v[:61].tolist() == ids.tolist() and not ids_v[61:].any()
     assert pos_v[:7].tolist() == list(range(2, 9)) and pos_v[7:10].tolist() == [2, 3, 4]
     assert offsets[:5].tolist() == [0, 7, 10, 60, 61] and offsets[-1] == tokens
     assert (np.diff(offsets) <= longest).all() and (np.diff(offsets) >= 0).all()
     assert first[:4].tolist() == [0, 7, 10, 60]
     assert [token_bucket(n) for n in (1, 256, 257, 4000, 4097, 9000)] == [256, 256, 512, 4096, 4352, 9216]
+
+
+def test_packed_inputs_of_a_flat_batch_need_no_bucket():
+    lengths = np.array([3, 1, 2])
+    ids = np.array([11, 12, 13, 21, 31, 32])
+    shape, buffer = pack_inputs(ids, ids % 2, lengths, 0)
+    assert shape == Shape(6, 3, 3) and len(buffer) == shape.size
+    ids_v, types_v, pos_v, offsets, first = shape.views(buffer)
+    assert ids_v.tolist() == ids.tolist() and types_v.tolist() == (ids % 2).tolist()
+    assert pos_v.tolist() == [0, 1, 2, 0, 0, 1] and offsets.tolist() == [0, 3, 4, 6] and first.tolist() == [0, 3, 4]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -132,21 +143,21 @@ def test_cuda_graphs_replay_the_eager_packed_scores():
 
 
 def test_packing_gathers_real_tokens_and_restores_the_layout():
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    p = Packing.of(mask)
+    p = Packing.of_lengths(np.array([3, 1, 4]), torch.device("cpu"))
     assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.first.tolist() == [0, 3, 4]
     x = torch.arange(12.0).reshape(3, 4, 1)
     packed = p.pack(x)
     assert packed[:, 0].tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
     back = p.unpack(packed).reshape(3, 4)
     assert back.tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [8, 9, 10, 11]]
-    assert Packing.of(torch.ones(2, 3)).key_mask is None  # no padding: no mask, no copies
+    assert p.key_mask[:, 0, 0].tolist() == [[True, True, True, False], [True, False, False, False], [True] * 4]
+    full = Packing.of_lengths(np.array([3, 3]), torch.device("cpu"))
+    assert full.key_mask is None and full.index is None  # no padding: no mask, no copies
 
 
 def test_cpu_attention_runs_per_group_of_similar_lengths():
     lengths = [8, 9, 10, 209, 210]
-    mask = (torch.arange(210)[None, :] < torch.tensor(lengths)[:, None]).long()
-    p = Packing.of(mask, grouped=True)
+    p = Packing.of_lengths(np.array(lengths), torch.device("cpu"), grouped=True)
     assert [g.rows for g in p.groups] == [3, 2] and [g.longest for g in p.groups] == [10, 210]
     assert sum(len(g.tokens) for g in p.groups) == sum(lengths)
 

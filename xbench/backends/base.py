@@ -33,6 +33,8 @@ class Backend(Protocol):
     # the batch planner's cost model and the padding-efficiency counters read them. False if absent.
     packed: bool
     varlen_attention: bool
+    # Optional `forward_packed(flat_ids, flat_types, lengths)`: the same logits from a flat batch
+    # (xbench/layout.py), which the model pool passes instead when a backend has it.
     # Optional `close()`: called on the worker's thread when the pool shuts down (MLX has one).
 
 

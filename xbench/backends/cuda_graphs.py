@@ -5,8 +5,8 @@ launch them, so an eager forward costs the host more than the GPU, and it holds 
 batcher and the tokenizer pool's results need. A captured forward replays as one call that
 releases the GIL.
 
-A graph has fixed shapes, so every batch is brought to a bucket on the host, in numpy, without
-touching the GPU: its real tokens are packed (ids, token types, positions), the token count is
+A graph has fixed shapes, so every flat batch is brought to a bucket on the host, in numpy,
+without touching the GPU (`pack_inputs`: ids, token types, positions, pair offsets), the token count is
 rounded up (at most ~6% more), and the extra tokens become spare pairs of at most `longest`
 tokens each; the pair count is rounded up too, the rows beyond the spare pairs having no tokens.
 Attention runs per pair through flash attention's variable-length kernel, so spare pairs never
@@ -15,7 +15,7 @@ non-blocking copy into the graph's input buffer. Graphs share one memory pool (t
 a time, and each replay's scores are copied out before the next), and their number is capped:
 past `max_graphs` a new shape runs eagerly on the same packed inputs.
 
-`BucketedInputs` and the eager path (`capture=False`) run anywhere, so the CPU tests hold the
+The bucketed inputs and the eager path (`capture=False`) run anywhere, so the CPU tests hold the
 host-side packing to the padded model's scores; only the capture needs CUDA.
 """
 
@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from xbench.backends.packed import PackedEncoder, Packing
+from xbench.backends.packed import PackedEncoder, Packing, Shape, pack_inputs
 
 log = logging.getLogger(__name__)
 
@@ -45,52 +44,13 @@ def token_bucket(tokens: int) -> int:
     return -(-tokens // step) * step
 
 
-@dataclass(frozen=True)
-class Shape:
-    tokens: int
-    rows: int
-    longest: int
-
-    @property
-    def size(self) -> int:
-        """int64 slots of the input buffer: ids, types, positions, pair offsets, first tokens."""
-        return 3 * self.tokens + 2 * self.rows + 1
-
-
-class BucketedInputs:
-    """One padded batch as the bucketed, packed int64 inputs of a graph, laid out in one buffer:
-    [ids | token types | positions] (tokens each), pair offsets (rows + 1), first tokens (rows)."""
-
-    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray,
-                 position_offset: int, max_longest: int):
-        real = attention_mask.astype(bool)
-        lengths = real.sum(1)
-        self.rows, width = real.shape
-        self.tokens = int(lengths.sum())
-        longest = min(max_longest, max(1, -(-int(lengths.max()) // LENGTH_STEP)) * LENGTH_STEP)
-        tokens = token_bucket(self.tokens)
-        spare = tokens - self.tokens  # padding tokens, as spare pairs of at most `longest` each
-        spare_pairs = -(-spare // longest)
-        rows = -(-(self.rows + spare_pairs) // ROW_STEP) * ROW_STEP
-        self.shape = Shape(tokens, rows, longest)
-        self.buffer = np.zeros(self.shape.size, dtype=np.int64)
-        ids, types, positions, offsets, first = self.views(self.buffer)
-        ids[:self.tokens] = input_ids[real]
-        types[:self.tokens] = token_type_ids[real]
-        positions[:self.tokens] = np.broadcast_to(np.arange(width), real.shape)[real]
-        positions += position_offset
-        np.cumsum(lengths, out=offsets[1:self.rows + 1])
-        spare_ends = self.tokens + np.minimum(np.arange(1, rows - self.rows + 1) * longest, spare)
-        offsets[self.rows + 1:] = spare_ends
-        first[:self.rows] = offsets[:self.rows]  # spare rows read token 0: their scores are dropped
-
-    def views(self, buffer: np.ndarray) -> tuple[np.ndarray, ...]:
-        return self.views_of(self.shape, buffer)
-
-    @staticmethod
-    def views_of(shape: Shape, buffer):  # numpy on the host, a tensor inside the graph
-        t, r = shape.tokens, shape.rows
-        return buffer[:t], buffer[t:2 * t], buffer[2 * t:3 * t], buffer[3 * t:3 * t + r + 1], buffer[3 * t + r + 1:]
+def bucket(shape: Shape, max_longest: int) -> Shape:
+    """The graph shape a batch runs in: its tokens rounded up (`token_bucket`), `longest` rounded
+    up to LENGTH_STEP, and rows for the spare pairs the extra tokens form, rounded up to ROW_STEP."""
+    longest = min(max_longest, max(1, -(-shape.longest // LENGTH_STEP)) * LENGTH_STEP)
+    tokens = token_bucket(shape.tokens)
+    spare_pairs = -(-(tokens - shape.tokens) // longest)
+    return Shape(tokens, -(-(shape.rows + spare_pairs) // ROW_STEP) * ROW_STEP, longest)
 
 
 class GraphedEncoder:
@@ -110,34 +70,31 @@ class GraphedEncoder:
         self.eager_runs = 0
 
     def _run(self, shape: Shape, buffer: torch.Tensor) -> torch.Tensor:
-        """The forward on a bucketed input buffer: float32 logits [rows, labels]."""
-        ids, types, positions, offsets, first = BucketedInputs.views_of(shape, buffer)
-        packing = Packing.of_offsets(offsets.to(torch.int32), first, shape.longest)
-        x = self.encoder.embed_packed(ids, types, positions)
-        return self.encoder.encode(x, packing).float()
+        """The forward on an input buffer of this shape: float32 logits [rows, labels]."""
+        _, _, _, offsets, first = shape.views(buffer)
+        return self.encoder(buffer, shape, Packing.of_offsets(offsets, first, shape.longest)).float()
 
     @torch.inference_mode()
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> torch.Tensor:
-        """Logits of the batch's real pairs [rows, labels], on the host."""
-        inputs = BucketedInputs(input_ids, attention_mask, token_type_ids, self.encoder.position_offset,
-                                self.max_longest)
-        shape = inputs.shape
+    def forward(self, flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """Logits of a flat batch's pairs [rows, labels], on the host."""
+        rows = len(lengths)
+        shape, inputs = pack_inputs(flat_ids, flat_types, lengths, self.encoder.position_offset,
+                                    bucket(Shape(len(flat_ids), rows, int(lengths.max())), self.max_longest))
         graph = self.graphs.get(shape)
         if graph is None and self.capture and len(self.graphs) < self.max_graphs:
             graph = self._capture(shape, inputs)
         if graph is None:
             self.eager_runs += 1
-            logits = self._run(shape, torch.from_numpy(inputs.buffer).to(self.device))
-            return logits[:inputs.rows].cpu()
+            return self._run(shape, torch.from_numpy(inputs).to(self.device))[:rows].cpu()
         g, staging, buffer, logits = graph
-        staging.copy_(torch.from_numpy(inputs.buffer))
+        staging.copy_(torch.from_numpy(inputs))
         buffer.copy_(staging, non_blocking=True)
         g.replay()
         self.replays += 1
-        return logits[:inputs.rows].cpu()  # waits for the replay; the staging buffer is free again
+        return logits[:rows].cpu()  # waits for the replay; the staging buffer is free again
 
-    def _capture(self, shape: Shape, inputs: BucketedInputs):
-        staging = torch.from_numpy(inputs.buffer).pin_memory()
+    def _capture(self, shape: Shape, inputs: np.ndarray):
+        staging = torch.from_numpy(inputs).pin_memory()
         buffer = staging.to(self.device)
         try:
             side = torch.cuda.Stream(self.device)

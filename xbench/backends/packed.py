@@ -2,8 +2,10 @@
 
 A padded batch of `rows` pairs of up to `longest` tokens spends the dense layers (the GEMMs,
 layer norms, GELU: ~85% of the FLOPs) on rows x longest positions, padding included. Here the
-real tokens are gathered once into a `[tokens, hidden]` matrix and every dense layer runs on it,
-as one GEMM over the whole batch; only attention sees the sequences. On CUDA it is
+batch arrives flat, its real tokens back to back with their positions and each pair's offsets,
+laid out on the host in numpy (`pack_inputs`: one copy to the device, and the device is never
+asked where the real tokens are); every dense layer runs on the `[tokens, hidden]` matrix, as
+one GEMM over the whole batch, and only attention sees the sequences. On CUDA it is
 variable-length flash attention over the packed tokens (no padding at all). On the CPU the pairs
 are split into groups of similar length (the same least-cost cut as the batch planner's, priced
 in attention work plus a fixed cost per SDPA call), and each group is scattered into its own
@@ -24,9 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from xbench.layout import positions_in_pair, run_positions
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 SUPPORTED = (*BERT_LIKE, "distilbert")
@@ -56,45 +61,93 @@ class Packing:
 
     rows: int
     longest: int
-    index: torch.Tensor  # flat padded positions of the real tokens, in order  [tokens]
+    index: torch.Tensor | None  # flat padded positions of the real tokens, in order [tokens]; None: no padding
     key_mask: torch.Tensor | None  # [rows, 1, 1, longest] True where a key is real; None: no padding
     cu_seqlens: torch.Tensor  # int32 [rows + 1]: offsets of each pair in the packed tokens
-    first: torch.Tensor  # packed position of each pair's first token  [rows]
+    first: torch.Tensor  # int32: packed position of each pair's first token  [rows]
     groups: list[AttentionGroup] | None = None  # CPU attention groups (None: one padded call)
     # Attention straight on the packed tokens, each pair by its offsets (flash attention's
     # variable-length kernel on CUDA): no padded layout, so `index` and `key_mask` go unused.
     varlen: bool = False
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor, grouped: bool = False, varlen: bool = False) -> "Packing":
-        rows, longest = attention_mask.shape
-        mask = attention_mask.bool()
-        lengths = mask.sum(1)
-        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        full = bool(mask.all())
-        index = torch.arange(rows * longest, device=mask.device) if full else mask.reshape(-1).nonzero().squeeze(1)
-        packing = cls(rows, longest, index, None if full else mask[:, None, None, :], cu, cu[:-1].long(),
-                      varlen=varlen)
-        if grouped and not full and not varlen:
-            packing.groups = attention_groups(lengths.tolist(), cu.tolist(), mask.device)
+    def of_lengths(cls, lengths: np.ndarray, device: torch.device, grouped: bool = False) -> "Packing":
+        """The packing of pairs of these lengths, worked out on the host (no device sync);
+        `grouped`: attention in groups of similar length (the CPU's way)."""
+        rows, longest = len(lengths), int(lengths.max())
+        offsets = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        cu = torch.from_numpy(offsets).to(device)
+        first = cu[:-1]
+        if (lengths == longest).all():  # no padding: no index, no mask, no copies
+            return cls(rows, longest, None, None, cu, first)
+        index = torch.from_numpy(run_positions(np.arange(rows) * longest, lengths)).to(device)
+        key_mask = torch.from_numpy(np.arange(longest) < lengths[:, None]).to(device)[:, None, None, :]
+        packing = cls(rows, longest, index, key_mask, cu, first)
+        if grouped:
+            packing.groups = attention_groups(lengths.tolist(), offsets.tolist(), device)
         return packing
 
     @classmethod
     def of_offsets(cls, cu_seqlens: torch.Tensor, first: torch.Tensor, longest: int) -> "Packing":
         """A variable-length packing from pair offsets alone (no host sync: CUDA graphs)."""
-        return cls(len(first), longest, None, None, cu_seqlens, first, varlen=True)  # type: ignore[arg-type]
+        return cls(len(first), longest, None, None, cu_seqlens, first, varlen=True)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[rows, longest, ...] -> [tokens, ...]"""
         flat = padded.reshape(self.rows * self.longest, *padded.shape[2:])
-        return flat if self.key_mask is None else flat.index_select(0, self.index)
+        return flat if self.index is None else flat.index_select(0, self.index)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[tokens, ...] -> [rows * longest, ...], zeros at the padding."""
-        if self.key_mask is None:
+        if self.index is None:
             return packed
         out = packed.new_zeros(self.rows * self.longest, *packed.shape[1:])
         return out.index_copy_(0, self.index, packed)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of a batch's packed inputs: tokens, pairs, and the longest pair attention allows for."""
+
+    tokens: int
+    rows: int
+    longest: int
+
+    @property
+    def size(self) -> int:
+        """int32 slots of the input buffer: ids, types, positions, pair offsets, first tokens."""
+        return 3 * self.tokens + 2 * self.rows + 1
+
+    def views(self, buffer):  # a numpy array on the host, a tensor on the device
+        """(ids, token types, positions, pair offsets, first tokens) of an input buffer."""
+        t, r = self.tokens, self.rows
+        return buffer[:t], buffer[t:2 * t], buffer[2 * t:3 * t], buffer[3 * t:3 * t + r + 1], buffer[3 * t + r + 1:]
+
+
+def pack_inputs(flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray, position_offset: int,
+                shape: Shape | None = None) -> tuple[Shape, np.ndarray]:
+    """A flat batch (xbench/layout.py) as the packed encoder's inputs, laid out in one int32 buffer
+    that reaches the device in one copy: [ids | token types | positions] (tokens each), pair
+    offsets (rows + 1), each pair's first token (rows). Built on the host in numpy, so the device
+    is never asked where the real tokens are; int32, what flash attention takes its offsets in
+    and what the embeddings and gathers take as indices.
+
+    A larger `shape` (a CUDA graph's bucket) is filled with spare pairs: the extra tokens form
+    pairs of at most shape.longest tokens, the rows beyond those hold no tokens and read token 0,
+    and their scores are dropped. Attention runs per pair, so they never touch real ones."""
+    tokens, rows = len(flat_ids), len(lengths)
+    shape = shape or Shape(tokens, rows, int(lengths.max()))
+    buffer = np.zeros(shape.size, dtype=np.int32)
+    ids, types, positions, offsets, first = shape.views(buffer)
+    ids[:tokens], types[:tokens] = flat_ids, flat_types
+    positions[:tokens] = positions_in_pair(lengths)
+    positions += position_offset
+    np.cumsum(lengths, out=offsets[1:rows + 1])
+    spare = shape.tokens - tokens
+    offsets[rows + 1:] = tokens + np.minimum(np.arange(1, shape.rows - rows + 1) * shape.longest, spare)
+    first[:rows] = offsets[:rows]
+    return shape, buffer
 
 
 def attention_groups(lengths: list[int], offsets: list[int], device: torch.device) -> list[AttentionGroup] | None:
@@ -129,7 +182,8 @@ def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     hidden = width // 3
     head_dim = hidden // heads
     if packing.varlen:
-        q, k, v = (t.contiguous() for t in qkv.view(tokens, 3, heads, head_dim).unbind(1))
+        # q, k and v each contiguous, from one copy (one kernel, not three)
+        q, k, v = qkv.view(tokens, 3, heads, head_dim).transpose(0, 1).contiguous().unbind(0)
         cu, longest = packing.cu_seqlens, packing.longest
         return varlen_attention(q, k, v, cu, cu, longest, longest).reshape(tokens, hidden)
     if packing.groups is not None:
@@ -178,7 +232,7 @@ def first_token_attention(qkv: torch.Tensor, heads: int, packing: Packing) -> to
     if packing.varlen:
         tokens = qkv.shape[0]
         q = qkv.index_select(0, packing.first)[:, :hidden].reshape(rows, heads, head_dim)
-        k, v = (qkv.view(tokens, 3, heads, head_dim)[:, i].contiguous() for i in (1, 2))
+        k, v = qkv.view(tokens, 3, heads, head_dim)[:, 1:].transpose(0, 1).contiguous().unbind(0)
         one_each = torch.arange(rows + 1, dtype=torch.int32, device=qkv.device)
         return varlen_attention(q, k, v, one_each, packing.cu_seqlens, 1, longest).reshape(rows, hidden)
     padded = packing.unpack(qkv).view(rows, longest, 3, heads, head_dim)
@@ -238,8 +292,8 @@ def _layers(model: nn.Module) -> list[PackedLayer]:
 
 
 class PackedEncoder(nn.Module):
-    """A transformers sequence-classification encoder, run on packed tokens. Takes the padded
-    inputs a backend receives and returns the head's logits [rows, labels]."""
+    """A transformers sequence-classification encoder, run on packed tokens: takes `pack_inputs`'
+    buffer and returns the head's logits [rows, labels]."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -263,19 +317,10 @@ class PackedEncoder(nn.Module):
     def supports(model: nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in SUPPORTED
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # CUDA runs the variable-length kernel (fp16/bf16) or one padded call; the CPU groups pairs.
-        varlen = flash_varlen_available(attention_mask.device, self.embeddings.word_embeddings.weight.dtype)
-        packing = Packing.of(attention_mask, grouped=not attention_mask.is_cuda, varlen=varlen)
-        if self.kind == "distilbert":
-            embedded = self.embeddings(input_ids)
-        else:  # position ids come from the padded layout (RoBERTa's skip its padding id), as in HF
-            embedded = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        x = packing.pack(embedded)
-        if self.embeddings_project is not None:
-            x = self.embeddings_project(x)
-        return self.encode(x, packing)
+    def forward(self, buffer: torch.Tensor, shape: Shape, packing: Packing) -> torch.Tensor:
+        """Logits [shape.rows, labels] of `pack_inputs`' buffer, on the model's device."""
+        ids, types, positions, _, _ = shape.views(buffer)
+        return self.encode(self.embed_packed(ids, types, positions), packing)
 
     def embed_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
                      ) -> torch.Tensor:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from xbench.backends.base import relevance
-from xbench.backends.packed import PackedEncoder, flash_varlen_available
+from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs
+from xbench.layout import pad, unpad
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Layers kept in fp32 under int8 and int4: the last encoder layer, the pooler and the 1-logit
@@ -119,6 +120,9 @@ class TorchBackend:
         if self.packed:
             model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
         self.varlen_attention = self.packed
+        # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens.
+        self.flash_varlen = self.packed and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
+        self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
         if precision == "int8":
             self.model = quantize_int8(model)
         elif precision == "int4":
@@ -131,11 +135,10 @@ class TorchBackend:
         if self.stream is not None:
             torch.cuda.synchronize(self.device)
         self.graphed = None
-        graphs_run = self.packed and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
-        if cuda_graphs and not graphs_run:
+        if cuda_graphs and not self.flash_varlen:
             raise ValueError(f"cuda_graphs=true needs packed execution on CUDA at fp16/bf16 with flash attention "
                              f"(device {device}, precision {precision}, packed {self.packed})")
-        if graphs_run and cuda_graphs:
+        if cuda_graphs:
             from xbench.backends.cuda_graphs import GraphedEncoder
 
             self.graphed = GraphedEncoder(self.model, self.device, self.max_positions(model))
@@ -149,14 +152,41 @@ class TorchBackend:
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         return {name: torch.from_numpy(arrays[name]).to(self.device, non_blocking=True) for name in self.input_names}
 
-    @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
-        with torch.cuda.stream(self.stream):  # no-op off CUDA
-            if self.graphed is not None:
-                return relevance(self.graphed.forward(input_ids, attention_mask, token_type_ids).numpy())
-            out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
-            logits = out if self.packed else out.logits
+        if self.packed:
+            return self.forward_packed(*unpad(input_ids, attention_mask, token_type_ids))
+        with torch.inference_mode(), torch.cuda.stream(self.stream):  # the stream: a no-op off CUDA
+            logits = self.model(**self._inputs(input_ids, attention_mask, token_type_ids)).logits
             return relevance(logits.float().cpu().numpy())
+
+    def forward_packed(self, flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Logits of a flat batch (the model pool's way in): a packed model takes it as it is,
+        with its layout worked out on the host, so no padded batch is built and taken apart
+        again, and the GPU is not synchronised to learn where the real tokens are."""
+        if not self.packed:
+            return self.forward(*pad(flat_ids, flat_types, lengths))
+        with torch.inference_mode(), torch.cuda.stream(self.stream):
+            if self.graphed is not None:
+                return relevance(self.graphed.forward(flat_ids, flat_types, lengths).numpy())
+            shape, inputs = pack_inputs(flat_ids, flat_types, lengths, self.model.position_offset)
+            buffer = self._to_device(inputs)
+            if self.flash_varlen:
+                _, _, _, offsets, first = shape.views(buffer)
+                packing = Packing.of_offsets(offsets, first, shape.longest)
+            else:  # the CPU groups pairs of similar length for attention; CUDA makes one padded call
+                packing = Packing.of_lengths(lengths, self.device, grouped=self.device.type == "cpu")
+            return relevance(self.model(buffer, shape, packing).float().cpu().numpy())
+
+    def _to_device(self, inputs: np.ndarray) -> torch.Tensor:
+        """The packed inputs on the model's device: on CUDA one copy from a pinned buffer that the
+        worker reuses (its last forward ended by copying scores back, so its copy is done)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(inputs)
+        if self._staging is None or len(self._staging) < len(inputs):
+            self._staging = torch.empty(2 * len(inputs), dtype=torch.int32).pin_memory()
+        staging = self._staging[:len(inputs)]
+        staging.copy_(torch.from_numpy(inputs))
+        return staging.to(self.device, non_blocking=True)
 
     def describe(self) -> dict[str, Any]:
         graphs = self.graphed.describe() if self.graphed is not None else {"cuda_graphs": False}

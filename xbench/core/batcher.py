@@ -26,15 +26,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterator
 
 import numpy as np
 
+from xbench.backends.base import Backend
 from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.cost_model import CostModel
 from xbench.core.request import RerankJob
-from xbench.core.tokenizer_pool import Encoded, run_positions
+from xbench.core.tokenizer_pool import Encoded
+from xbench.layout import pad, run_positions
 
 PLAN_WINDOW_BATCHES = 8  # pairs planned at once: the oldest max_batch_size x this many
 TOKEN_BLOCK = 1 << 20  # tokens a block of the batcher's token store holds (8 MiB of ids and types)
@@ -42,27 +45,56 @@ TOKEN_BLOCK = 1 << 20  # tokens a block of the batcher's token store holds (8 Mi
 
 @dataclass
 class ModelBatch:
-    """A padded batch ready for a backend, and whose pairs it holds: job k's pairs are rows
-    bounds[k]:bounds[k + 1], and row r is pair index[r] of its job."""
+    """A batch for a backend, flat (xbench/layout.py: the pairs' tokens back to back, as a packed
+    backend takes them; `input_ids`, `attention_mask` and `token_type_ids` pad it when first read),
+    and whose pairs it holds: job k's pairs are rows bounds[k]:bounds[k + 1], and row r is pair
+    index[r] of its job."""
 
-    input_ids: np.ndarray  # int64 [rows, seq]
-    attention_mask: np.ndarray
-    token_type_ids: np.ndarray
+    flat_ids: np.ndarray  # int32 [tokens]
+    flat_types: np.ndarray  # int32 [tokens]
+    lengths: np.ndarray  # int64 [rows]
     jobs: list[RerankJob] = field(default_factory=list)
     bounds: list[int] = field(default_factory=lambda: [0])
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def rows(self) -> int:
-        return int(self.input_ids.shape[0])
+        return len(self.lengths)
+
+    @cached_property
+    def longest(self) -> int:
+        return int(self.lengths.max())
 
     @property
     def padded_tokens(self) -> int:
-        return int(self.input_ids.size)
+        return self.rows * self.longest
+
+    @cached_property
+    def real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @cached_property
+    def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return pad(self.flat_ids, self.flat_types, self.lengths)
 
     @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def input_ids(self) -> np.ndarray:
+        return self.padded[0]
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return self.padded[1]
+
+    @property
+    def token_type_ids(self) -> np.ndarray:
+        return self.padded[2]
+
+    def forward(self, backend: Backend) -> np.ndarray:
+        """The backend's logits for this batch: passed flat to a backend that takes it so
+        (`forward_packed`), padded to any other."""
+        if hasattr(backend, "forward_packed"):
+            return backend.forward_packed(self.flat_ids, self.flat_types, self.lengths)
+        return backend.forward(*self.padded)
 
     def by_job(self) -> Iterator[tuple[RerankJob, slice]]:
         """Each job with the rows that hold its pairs."""
@@ -82,33 +114,27 @@ def plan_batches(lengths: np.ndarray | list[int], max_batch_size: int, max_batch
     return cost_model.fill_greedily(order, as_array[order], max_batch_size, max_batch_tokens)
 
 
-def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
-                   cost: CostModel | None = None) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Pre-tokenized pairs cut and padded as the batcher would: (positions, (ids, mask, types)) per
-    batch. For measuring a backend alone, or scoring a fixed set of pairs, outside the pipeline."""
+def model_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
+                  cost: CostModel | None = None) -> list[tuple[np.ndarray, ModelBatch]]:
+    """Pre-tokenized pairs cut as the batcher would: (their positions, the batch) per batch. For
+    measuring a backend alone, or scoring a fixed set of pairs, outside the pipeline."""
     batches = []
     for rows in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing, cost):
         part = enc.take(rows)
-        batches.append((rows, pad(part.flat_ids, part.flat_types, part.lengths)))
+        batches.append((rows, ModelBatch(part.flat_ids, part.flat_types, part.lengths)))
     return batches
+
+
+def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
+                   cost: CostModel | None = None) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """`model_batches`, each padded: (positions, (ids, mask, types))."""
+    return [(rows, batch.padded) for rows, batch in model_batches(enc, max_batch_size, max_batch_tokens, bucketing, cost)]
 
 
 def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids)."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return pad(np.concatenate(ids), np.concatenate(type_ids), lengths)
-
-
-def pad(flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows laid back to back in `flat_ids` (and `flat_types`) right-padded to the longest:
-    (input_ids, attention_mask, token_type_ids). Filled through the mask in one step, no Python
-    loop over rows (a GPU takes thousands of pairs a second, and this runs under the GIL)."""
-    real = np.arange(int(lengths.max())) < lengths[:, None]  # row-major: each row's tokens in order
-    input_ids = np.zeros(real.shape, dtype=np.int64)
-    types = np.zeros(real.shape, dtype=np.int64)
-    input_ids[real] = flat_ids
-    types[real] = flat_types
-    return input_ids, real.astype(np.int64), types
 
 
 @dataclass
@@ -290,12 +316,12 @@ class Batcher:
         if taken is None:
             return None
         pairs, jobs, bounds, arrays = taken
-        # Gathered and padded outside the lock, on the worker's thread; the store keeps these
-        # pairs' tokens until they are released.
-        input_ids, mask, types = pad(*_TokenStore.gather(pairs, arrays), pairs.length)
+        # Gathered outside the lock, on the worker's thread; the store keeps these pairs' tokens
+        # until they are released.
+        flat_ids, flat_types = _TokenStore.gather(pairs, arrays)
         with self._cond:
             self._tokens.release(pairs.block)
-        return ModelBatch(input_ids, mask, types, jobs, bounds, pairs.index)
+        return ModelBatch(flat_ids, flat_types, pairs.length, jobs, bounds, pairs.index)
 
     def _take(self) -> tuple[_Pairs, list[RerankJob], list[int], dict] | None:
         """The next batch's pairs, their rows grouped by job, with their jobs and token blocks."""

@@ -138,7 +138,7 @@ class ModelPool:
     def _process(self, backend: Backend, batch: ModelBatch) -> None:
         start = time.perf_counter()
         try:
-            logits = backend.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            logits = batch.forward(backend)
         except Exception as exc:  # a bad batch fails its jobs, never the worker
             log.exception("forward failed on a batch of %d rows", batch.rows)
             for job, _ in batch.by_job():

@@ -29,6 +29,7 @@ from tokenizers.normalizers import BertNormalizer
 
 from xbench.core.processes import WorkerProcesses
 from xbench.env import usable_cores
+from xbench.layout import run_positions
 
 Pair = tuple[str, str]
 
@@ -91,14 +92,6 @@ class Encoded:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-
-
-def run_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Positions starts[0] .. starts[0] + lengths[0] - 1, then the second run's, and so on: the
-    flat positions of runs, one numpy step for all of them."""
-    total = int(lengths.sum())
-    firsts = np.cumsum(lengths) - lengths  # where each run begins in the result
-    return np.repeat(starts - firsts, lengths) + np.arange(total)
 
 
 def split_at(flat: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:

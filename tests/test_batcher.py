@@ -3,10 +3,11 @@
 import numpy as np
 
 from xbench.config import BatchingConfig
-from xbench.core.batcher import Batcher, _TokenStore, collate, plan_batches
+from xbench.core.batcher import Batcher, ModelBatch, _TokenStore, collate, plan_batches
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import Encoded
 from xbench.errors import RequestCancelled
+from xbench.layout import unpad
 
 
 class Clock:
@@ -70,6 +71,28 @@ def test_collate_pads_right_with_mask():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert types.tolist() == [[0, 1, 1], [0, 0, 0]]
+
+
+def test_a_batch_goes_flat_to_a_backend_that_takes_it_so_and_padded_to_others():
+    batch = ModelBatch(np.array([5, 6, 7, 8], np.int32), np.array([0, 1, 1, 0], np.int32), np.array([3, 1]))
+
+    class Padded:
+        def forward(self, ids, mask, types):
+            self.padded = (ids, mask, types)
+            return np.zeros(len(ids), np.float32)
+
+    class Flat(Padded):
+        def forward_packed(self, ids, types, lengths):
+            self.flat = (ids, types, lengths)
+            return np.ones(len(lengths), np.float32)
+
+    padded, flat = Padded(), Flat()
+    assert batch.forward(padded).tolist() == [0, 0]
+    assert [a.tolist() for a in padded.padded] == [[[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], [[0, 1, 1], [0, 0, 0]]]
+    assert batch.forward(flat).tolist() == [1, 1] and not hasattr(flat, "padded")
+    assert [a.tolist() for a in flat.flat] == [[5, 6, 7, 8], [0, 1, 1, 0], [3, 1]]
+    assert (batch.rows, batch.longest, batch.real_tokens, batch.padded_tokens) == (2, 3, 4, 6)
+    assert [a.tolist() for a in unpad(*batch.padded)] == [a.tolist() for a in flat.flat]  # and back
 
 
 def test_batches_mix_requests_and_each_request_gets_its_own_order():

@@ -17,7 +17,8 @@ that arrive meanwhile are planned together with the batches not yet taken.
 
 No Python object stands for a pair: beside a GPU the batcher's Python work caps the pipeline, so
 queued pairs are numpy columns (`_Pairs`), their tokens sit in a shared store (`_TokenStore`)
-that a batch is gathered from in a few numpy steps, and scores go back one call per job.
+that a batch is gathered from in a few numpy steps, and scores go back one call per job. A batch
+leaves flat (`ModelBatch`), and is padded only for a backend that takes padded batches.
 """
 
 from __future__ import annotations

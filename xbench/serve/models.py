@@ -93,7 +93,7 @@ class Models:
         m = self.metrics
         m.batch_size.observe(batch.rows)
         m.batch_tokens.observe(batch.padded_tokens)
-        m.batch_longest.observe(batch.input_ids.shape[1])
+        m.batch_longest.observe(batch.longest)
         m.real_tokens.inc(batch.real_tokens)
         m.padded_tokens.inc(batch.padded_tokens)
         m.batch_duration.observe(seconds)

@@ -123,6 +123,7 @@ class TorchBackend:
         # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens.
         self.flash_varlen = self.packed and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
         self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
+        self._copied: torch.cuda.Event | None = None  # ... and when its last copy to the GPU is done
         if precision == "int8":
             self.model = quantize_int8(model)
         elif precision == "int4":
@@ -178,15 +179,21 @@ class TorchBackend:
             return relevance(self.model(buffer, shape, packing).float().cpu().numpy())
 
     def _to_device(self, inputs: np.ndarray) -> torch.Tensor:
-        """The packed inputs on the model's device: on CUDA one copy from a pinned buffer that the
-        worker reuses (its last forward ended by copying scores back, so its copy is done)."""
+        """The packed inputs on the model's device: on CUDA one non-blocking copy from a pinned
+        buffer that the worker reuses once the previous copy out of it is done (normally long
+        since: the last forward ended by copying its scores back)."""
         if self.device.type != "cuda":
             return torch.from_numpy(inputs)
+        if self._copied is not None:
+            self._copied.synchronize()
         if self._staging is None or len(self._staging) < len(inputs):
             self._staging = torch.empty(2 * len(inputs), dtype=torch.int32).pin_memory()
         staging = self._staging[:len(inputs)]
         staging.copy_(torch.from_numpy(inputs))
-        return staging.to(self.device, non_blocking=True)
+        on_device = staging.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return on_device
 
     def describe(self) -> dict[str, Any]:
         graphs = self.graphed.describe() if self.graphed is not None else {"cuda_graphs": False}

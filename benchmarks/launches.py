@@ -7,10 +7,12 @@ attention's variable-length call stubbed by a copy of its queries; the attention
 is one launch either way) over one batch of the workload, under torch's profiler, and counts the
 top-level operators: all of them, those that are not views (each of these launches at least
 one kernel on a GPU), and the host-device syncs among them (the host waits for the GPU to catch
-up; the copy of the scores back at the end is not counted). `--against REV` counts a git
-revision too, each in a fresh interpreter.
+up; the copy of the scores back at the end is not counted). It also times the same path on a
+6-layer BERT of hidden size 32, whose compute is negligible: mostly the host's cost of a forward.
+`--against REV` measures a git revision too, each measurement in a fresh interpreter, in
+alternating rounds.
 
-    python benchmarks/launches.py [--rows 128] [--lengths msmarco] [--against HEAD~1]
+    python benchmarks/launches.py [--rows 128] [--lengths msmarco] [--against HEAD~1] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -72,7 +74,42 @@ def count(rows: int, lengths: str) -> dict:
     launching = collections.Counter(name for name in top if name not in VIEWS)
     syncs = sum(1 for name in top if name in SYNCS)  # besides the copy of the scores back, which ends the batch
     return {"operators": len(top), "launching": sum(launching.values()), "syncs": syncs,
-            "by_operator": dict(launching.most_common())}
+            "host_us": host_time(torch_backend, pad), "by_operator": dict(launching.most_common())}
+
+
+def host_time(torch_backend, pad) -> float:
+    """Microseconds of one forward of a 6-layer BERT of hidden size 32 on 2 pairs, on the same
+    code path: its compute is negligible, so this is mostly the host's cost per operator (best
+    of 5 x 200 forwards, one thread)."""
+    import time
+
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, intermediate_size=64, num_labels=1)
+    with tempfile.TemporaryDirectory() as folder:
+        BertForSequenceClassification(config).eval().save_pretrained(folder)
+        backend = torch_backend.TorchBackend(folder, "cpu", "fp32", threads=1, packed=True)
+    lengths = np.array([8, 6])
+    ids, types = np.full(14, 1000, np.int32), np.zeros(14, np.int32)
+
+    def forward() -> None:
+        if hasattr(backend, "forward_packed"):
+            backend.forward_packed(ids, types, lengths)
+        else:
+            backend.forward(*pad(ids, types, lengths))
+
+    for _ in range(50):
+        forward()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(200):
+            forward()
+        best = min(best, (time.perf_counter() - start) / 200)
+    return best * 1e6
 
 
 def run_child(tree: Path, rows: int, lengths: str) -> dict:
@@ -88,6 +125,7 @@ def main(
     rows: int = typer.Option(128, help="Pairs in the batch."),
     lengths: str = typer.Option("msmarco", help="Workload length mix: msmarco | longtail | fixed."),
     against: Optional[str] = typer.Option(None, help="A git revision counted alongside this checkout."),
+    rounds: int = typer.Option(3, help="Rounds of the host timing; each times every revision once."),
     child: bool = typer.Option(False, "--child", hidden=True),
     child_args: Optional[list[str]] = typer.Argument(None, hidden=True),
 ) -> None:
@@ -103,16 +141,22 @@ def main(
                        check=True, capture_output=True)
         trees = {against: worktree, **trees}
     try:
-        counts = {name: run_child(tree, rows, lengths) for name, tree in trees.items()}
+        runs: dict[str, list[dict]] = {name: [] for name in trees}
+        for _ in range(rounds):
+            for name, tree in trees.items():
+                runs[name].append(run_child(tree, rows, lengths))
     finally:
         if worktree:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
     table = Table(title=f"One packed forward of the default model on the CUDA code path (counted on the CPU), "
                         f"{rows} {lengths} pairs")
-    for col in ("code", "operators", "launching (not views)", "host-device syncs", "launching, by operator"):
+    for col in ("code", "operators", "launching (not views)", "host-device syncs", "host µs a forward, tiny model, per round",
+                "launching, by operator"):
         table.add_column(col)
-    for name, c in counts.items():
+    for name, measured in runs.items():
+        c = measured[0]  # the counts do not change from round to round
         table.add_row(name, str(c["operators"]), str(c["launching"]), str(c["syncs"]),
+                      " ".join(f"{m['host_us']:.0f}" for m in measured),
                       ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in c["by_operator"].items()))
     Console(width=160).print(table)
 

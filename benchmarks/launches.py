@@ -126,6 +126,7 @@ def main(
     lengths: str = typer.Option("msmarco", help="Workload length mix: msmarco | longtail | fixed."),
     against: Optional[str] = typer.Option(None, help="A git revision counted alongside this checkout."),
     rounds: int = typer.Option(3, help="Rounds of the host timing; each times every revision once."),
+    out: Path = typer.Option(Path("results/benchmarks/launches.json"), "--out", "-o"),
     child: bool = typer.Option(False, "--child", hidden=True),
     child_args: Optional[list[str]] = typer.Argument(None, hidden=True),
 ) -> None:
@@ -158,7 +159,12 @@ def main(
         table.add_row(name, str(c["operators"]), str(c["launching"]), str(c["syncs"]),
                       " ".join(f"{m['host_us']:.0f}" for m in measured),
                       ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in c["by_operator"].items()))
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    from xbench.results.store import environment, write_json
+
+    write_json(out, {"env": environment(), "rows": rows, "lengths": lengths, "against": against, "runs": runs})
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -82,11 +82,17 @@ def test_a_batch_goes_flat_to_a_backend_that_takes_it_so_and_padded_to_others():
             return np.zeros(len(ids), np.float32)
 
     class Flat(Padded):
+        packed = True
+
         def forward_packed(self, ids, types, lengths):
             self.flat = (ids, types, lengths)
             return np.ones(len(lengths), np.float32)
 
-    padded, flat = Padded(), Flat()
+    class PaddedAfterAll(Flat):  # takes flat batches, but its model runs padded ones (packed=false)
+        packed = False
+
+    padded, flat, padded_after_all = Padded(), Flat(), PaddedAfterAll()
+    assert batch.forward(padded_after_all).tolist() == [0, 0] and not hasattr(padded_after_all, "flat")
     assert batch.forward(padded).tolist() == [0, 0]
     assert [a.tolist() for a in padded.padded] == [[[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], [[0, 1, 1], [0, 0, 0]]]
     assert batch.forward(flat).tolist() == [1, 1] and not hasattr(flat, "padded")

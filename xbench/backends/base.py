@@ -34,7 +34,7 @@ class Backend(Protocol):
     packed: bool
     varlen_attention: bool
     # Optional `forward_packed(flat_ids, flat_types, lengths)`: the same logits from a flat batch
-    # (xbench/layout.py), which the model pool passes instead when a backend has it.
+    # (xbench/layout.py), which the model pool passes instead to a packed backend that has it.
     # Optional `close()`: called on the worker's thread when the pool shuts down (MLX has one).
 
 

@@ -91,9 +91,9 @@ class ModelBatch:
         return self.padded[2]
 
     def forward(self, backend: Backend) -> np.ndarray:
-        """The backend's logits for this batch: passed flat to a backend that takes it so
-        (`forward_packed`), padded to any other."""
-        if hasattr(backend, "forward_packed"):
+        """The backend's logits for this batch: passed flat to a packed backend that takes it so
+        (`forward_packed`), padded to any other (once: the padded batch is kept)."""
+        if getattr(backend, "packed", False) and hasattr(backend, "forward_packed"):
             return backend.forward_packed(self.flat_ids, self.flat_types, self.lengths)
         return backend.forward(*self.padded)
 

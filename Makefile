@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/pipeline_overhead.py
 	$(PY) benchmarks/backends.py
 	$(PY) benchmarks/serve_vs_inprocess.py
+	$(PY) benchmarks/launches.py
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) results plots outputs multirun

@@ -1,6 +1,6 @@
 """CUDA graphs for the packed encoder: one captured forward per shape bucket, replayed.
 
-A 6-layer encoder at fp16 on a Hopper GPU finishes its ~90 kernels faster than Python can
+A 6-layer encoder at fp16 on a Hopper GPU finishes its ~80 kernels faster than Python can
 launch them, so an eager forward costs the host more than the GPU, and it holds the GIL that the
 batcher and the tokenizer pool's results need. A captured forward replays as one call that
 releases the GIL.

@@ -35,7 +35,7 @@ def job(lengths, clock=None):
 
 def score_by_length(batch):
     """The "model" scores a pair by its length: any mix-up of order shows."""
-    lengths = batch.attention_mask.sum(axis=1).astype(np.float32)
+    lengths = batch.padded[1].sum(axis=1).astype(np.float32)
     for j, rows in batch.by_job():
         j.deliver(batch.index[rows], lengths[rows], 0.0)
 
@@ -212,11 +212,12 @@ def test_a_batch_mixing_many_requests_holds_each_pairs_own_tokens():
     spanned = 0
     while not all(j.done for j, _, _ in jobs):
         batch = b.next_batch()
-        first = batch.input_ids[:, 0]
-        lengths = batch.attention_mask.sum(axis=1)
+        input_ids, mask, types = batch.padded
+        first = input_ids[:, 0]
+        lengths = mask.sum(axis=1)
         assert lengths.tolist() == [length_of[p] for p in first.tolist()]
-        assert ((batch.input_ids == first[:, None]) == batch.attention_mask.astype(bool)).all()
-        assert (batch.token_type_ids == batch.attention_mask).all()
+        assert ((input_ids == first[:, None]) == mask.astype(bool)).all()
+        assert (types == mask).all()
         spanned = max(spanned, len({p // 100 for p in first.tolist()}))
         for j, rows in batch.by_job():
             j.deliver(batch.index[rows], first[rows].astype(np.float32), 0.0)

@@ -269,7 +269,8 @@ def test_a_lone_long_tailed_request_is_cut_into_length_groups():
     while sum(widths) < len(lengths):
         batch = b.next_batch()
         widths.append(batch.rows)
-        assert batch.input_ids.shape[1] < 100 or batch.attention_mask.min() == 1  # no short pair padded to 400+
+        input_ids, mask, _ = batch.padded
+        assert input_ids.shape[1] < 100 or mask.min() == 1  # no short pair padded to 400+
     assert len(widths) >= 2
 
 

@@ -25,8 +25,7 @@ def run_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def positions_in_pair(lengths: np.ndarray) -> np.ndarray:
     """Each flat token's position within its own pair: 0 .. length - 1, pair after pair."""
-    firsts = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum())) - np.repeat(firsts, lengths)
+    return run_positions(np.zeros_like(lengths), lengths)
 
 
 def pad(flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

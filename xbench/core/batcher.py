@@ -47,9 +47,8 @@ TOKEN_BLOCK = 1 << 20  # tokens a block of the batcher's token store holds (8 Mi
 @dataclass
 class ModelBatch:
     """A batch for a backend, flat (xbench/layout.py: the pairs' tokens back to back, as a packed
-    backend takes them; `input_ids`, `attention_mask` and `token_type_ids` pad it when first read),
-    and whose pairs it holds: job k's pairs are rows bounds[k]:bounds[k + 1], and row r is pair
-    index[r] of its job."""
+    backend takes them; `padded` lays it out for the others when first read), and whose pairs it
+    holds: job k's pairs are rows bounds[k]:bounds[k + 1], and row r is pair index[r] of its job."""
 
     flat_ids: np.ndarray  # int32 [tokens]
     flat_types: np.ndarray  # int32 [tokens]
@@ -76,19 +75,8 @@ class ModelBatch:
 
     @cached_property
     def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask, token_type_ids), right-padded: for backends that pad."""
         return pad(self.flat_ids, self.flat_types, self.lengths)
-
-    @property
-    def input_ids(self) -> np.ndarray:
-        return self.padded[0]
-
-    @property
-    def attention_mask(self) -> np.ndarray:
-        return self.padded[1]
-
-    @property
-    def token_type_ids(self) -> np.ndarray:
-        return self.padded[2]
 
     def forward(self, backend: Backend) -> np.ndarray:
         """The backend's logits for this batch: passed flat to a packed backend that takes it so

@@ -42,16 +42,20 @@ console = Console(width=140)
 
 
 class StandInBackend:
-    """Scores zeros after sleeping `gpu_s` per pair: the GIL is free meanwhile, as in a CUDA call.
-    Every worker's stand-in shares one "GPU": one batch runs at a time, so two model workers can
-    overlap one batch's host work with another's GPU time, not double the GPU."""
+    """Scores zeros as a GPU model would take them. `launch_s` a batch is the host launching its
+    kernels: Python that holds the GIL, as an eager PyTorch forward does. `gpu_s` a pair is the
+    GPU running them, with the GIL free; it overlaps the launching, so a batch takes the longer
+    of the two. Every worker's stand-in in one process shares one "GPU": one batch runs at a
+    time, so two model workers can overlap one batch's host work with another's GPU time, not
+    double the GPU."""
 
     packed = True
     varlen_attention = True
     gpu = threading.Lock()
 
-    def __init__(self, gpu_s: float):
+    def __init__(self, gpu_s: float, launch_s: float = 0.0):
         self.gpu_s = gpu_s
+        self.launch_s = launch_s
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         return self.forward_packed(None, None, attention_mask.sum(1))
@@ -59,12 +63,30 @@ class StandInBackend:
     def forward_packed(self, flat_ids, flat_types, lengths):  # takes flat batches, as PyTorch's packed model does
         import numpy as np
 
-        with self.gpu:
-            time.sleep(self.gpu_s * len(lengths))
+        start = time.thread_time()  # this thread's CPU time: it advances only while the thread runs
+        while time.thread_time() - start < self.launch_s:  # Python, holding the GIL, as launching does
+            pass
+        with self.gpu:  # the GPU ran the kernels as they came: what is left of its time after the launches
+            time.sleep(max(0.0, self.gpu_s * len(lengths) - self.launch_s))
         return np.zeros(len(lengths), dtype=np.float32)
 
     def describe(self) -> dict:
-        return {"engine": "stand-in", "gpu_us_per_pair": self.gpu_s * 1e6}
+        return {"engine": "stand-in", "gpu_us_per_pair": self.gpu_s * 1e6, "launch_us_per_batch": self.launch_s * 1e6}
+
+
+def stand_in_backend(gpu_s: float, launch_s: float, inst, model_dir: str, threads: int) -> StandInBackend:
+    """create_backend's stand-in; a module function, so a model process can be sent it."""
+    return StandInBackend(gpu_s, launch_s)
+
+
+def raw_forward(gpu_s: float, launch_s: float, batch: int, duration: float) -> dict:
+    """The stand-in alone, batches of `batch` pairs back to back: what the pipeline is held to."""
+    backend, lengths, done = StandInBackend(gpu_s, launch_s), [0] * batch, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < duration:
+        backend.forward_packed(None, None, lengths)
+        done += batch
+    return {"pairs_per_s": done / (time.perf_counter() - start), "cpu_us_per_pair": None}
 
 
 def stand_in_encode(pairs: list[tuple[str, str]], direction: str):
@@ -81,10 +103,14 @@ def stand_in_encode(pairs: list[tuple[str, str]], direction: str):
                 [np.zeros(n, dtype=np.int32) for n in lengths.tolist()])
 
 
-def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: int, concurrency: int,
-            tokenizers: int, workers: int = 1, stand_in_tokenizer: int = 0) -> dict:
+def measure(command: str, lengths: str, gpu_us: float, launch_us: float, duration: float, batch: int,
+            concurrency: int, tokenizers: int, workers: int = 1, stand_in_tokenizer: int = 0, mode: str = "thread") -> dict:
     """One measurement, in this interpreter, on whichever xbench PYTHONPATH holds."""
     import asyncio
+    import functools
+
+    if command == "forward":
+        return raw_forward(gpu_us * 1e-6, launch_us * 1e-6, batch, duration)
 
     import xbench.core.pipeline as pipeline
     from xbench.bench.load import generate
@@ -93,7 +119,7 @@ def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: i
     from xbench.core.tokenizer_pool import TokenizerPool
     from xbench.workload import make_workload
 
-    pipeline.create_backend = lambda inst, model_dir, threads: StandInBackend(gpu_us * 1e-6)
+    pipeline.create_backend = functools.partial(stand_in_backend, gpu_us * 1e-6, launch_us * 1e-6)
     if stand_in_tokenizer:  # the same processes and traffic, no tokenizing in them
         TokenizerPool.submit = lambda pool, pairs, direction="right": pool._executor.submit(
             stand_in_encode, pairs, direction)
@@ -101,7 +127,9 @@ def measure(command: str, lengths: str, gpu_us: float, duration: float, batch: i
                           f"experiment.max_duration_s={duration}", "experiment.warmup_s=2",
                           "batching.max_batch_size=256", "batching.max_batch_tokens=65536",
                           f"tokenizer_pool.workers={tokenizers}", "tokenizer_pool.mode=process",
-                          f"model_pool.workers={workers}"])
+                          f"model_pool.workers={workers}",
+                          # revisions before model_pool.mode ran threads, the default on the CPU
+                          *([f"model_pool.mode={mode}"] if mode != "thread" else [])])
     target = (InferTarget if command == "infer-bench" else PipelineTarget)(cfg)
     send = target.sender(make_workload(None, cfg), batch)
     spec = load_spec(cfg, concurrency)
@@ -136,12 +164,15 @@ def run_child(tree: Path, cache: Path, *args: str) -> dict:
 
 def main(
     gpu_us: float = typer.Option(8.0, help="Stand-in GPU time per pair, in microseconds (8: ~125k pairs/s)."),
+    launch_us: float = typer.Option(0.0, help="Stand-in host time per batch launching its kernels, GIL held "
+                                              "(an eager fp16 forward of 128 pairs on an H200 host: ~2,000)."),
     duration: float = typer.Option(8.0, help="Seconds measured per point."),
     rounds: int = typer.Option(3, help="Rounds; each measures every variant once, so drift hits all alike."),
     batch: int = typer.Option(128, help="Pairs per request."),
     concurrency: int = typer.Option(16, help="Closed-loop clients."),
     tokenizers: int = typer.Option(1, help="Tokenizer processes (this machine's cores limit pipeline-bench)."),
     workers: int = typer.Option(1, help="Model workers sharing the one stand-in GPU."),
+    modes: str = typer.Option("thread", help="Model pool modes to measure, comma-separated: thread, process."),
     stand_in_tokenizer: bool = typer.Option(False, help="Tokenizer processes hand back ids without tokenizing."),
     against: Optional[str] = typer.Option(None, help="A git revision measured alongside this checkout."),
     out: Path = typer.Option(Path("results/benchmarks/host_overhead.json"), "--out", "-o"),
@@ -150,50 +181,61 @@ def main(
 ) -> None:
     if child:
         command, lengths, *numbers = child_args or []
-        print(json.dumps(measure(command, lengths, *map(float, numbers[:2]), *map(int, numbers[2:]))))
+        print(json.dumps(measure(command, lengths, *map(float, numbers[:3]), *map(int, numbers[3:8]), *numbers[8:])))
         return
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if bad := [m for m in mode_list if m not in ("thread", "process")]:
+        raise typer.BadParameter(f"{', '.join(bad)}: modes are thread and process", param_hint="--modes")
     trees = {"this checkout": ROOT}
     if against:
         worktree = Path(tempfile.mkdtemp(prefix="xbench-against-"))
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(worktree), against],
                        check=True, capture_output=True)
         trees[against] = worktree
-    points = [(c, w) for w in ("msmarco", "longtail") for c in ("infer-bench", "pipeline-bench")]
+    variants = [(f"{name}, {mode}" if len(mode_list) > 1 else name, tree, mode)
+                for name, tree in trees.items() for mode in mode_list]
+    # The raw forward: the stand-in alone, once a round (it costs the same on either workload).
+    points = [("forward", "msmarco")] + [(c, w) for w in ("msmarco", "longtail") for c in ("infer-bench", "pipeline-bench")]
     samples: dict[tuple[str, str, str], list[dict]] = {}
     measurements = itertools.count()  # each in a fresh cache folder, as a first run would be
     try:
         with console.status("measuring ...") as status, tempfile.TemporaryDirectory(prefix="xbench-host-") as caches:
             for r in range(rounds):
                 for command, lengths in points:
-                    for name, tree in trees.items():
+                    for name, tree, mode in variants if command != "forward" else [("stand-in alone", ROOT, "-")]:
                         status.update(f"round {r + 1}/{rounds}: {command} {lengths} on {name}")
-                        samples.setdefault((command, lengths, name), []).append(run_child(
-                            tree, Path(caches) / str(next(measurements)), command, lengths,
-                            str(gpu_us), str(duration), str(batch), str(concurrency), str(tokenizers), str(workers),
-                            str(int(stand_in_tokenizer))))
+                        samples.setdefault((command, lengths if command != "forward" else "either", name), []).append(
+                            run_child(tree, Path(caches) / str(next(measurements)), command, lengths,
+                                      str(gpu_us), str(launch_us), str(duration), str(batch), str(concurrency),
+                                      str(tokenizers), str(workers), str(int(stand_in_tokenizer)), mode))
     finally:
         if against:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[against])],
                            capture_output=True)
-    table = Table(title=f"Host cost per pair around a stand-in GPU ({gpu_us:g} µs/pair, GIL free), batch {batch}, "
-                        f"concurrency {concurrency}, {tokenizers} {'stand-in ' if stand_in_tokenizer else ''}tokenizer "
-                        f"process(es), {workers} model worker(s), {rounds} alternating rounds")
-    for col in ("command", "workload", "code", "pairs/s per round", "main-process CPU µs/pair", "mean pairs/s"):
-        table.add_column(col, justify="right" if "pairs" in col or "µs" in col else "left")
+    raw = statistics.fmean(s["pairs_per_s"] for s in samples[("forward", "either", "stand-in alone")])
+    table = Table(title=f"Host cost per pair around a stand-in GPU ({gpu_us:g} µs/pair GIL free, {launch_us:g} µs/batch "
+                        f"launching with the GIL), batch {batch}, concurrency {concurrency}, {tokenizers} "
+                        f"{'stand-in ' if stand_in_tokenizer else ''}tokenizer process(es), {workers} model worker(s), "
+                        f"{rounds} alternating rounds")
+    for col in ("command", "workload", "code", "pairs/s per round", "main-process CPU µs/pair", "mean pairs/s",
+                "÷ stand-in alone"):
+        table.add_column(col, justify="right" if "pairs" in col or "µs" in col or "÷" in col else "left")
     rows = []
     for (command, lengths, name), runs in samples.items():
         rate = statistics.fmean(s["pairs_per_s"] for s in runs)
-        cpu = statistics.fmean(s["cpu_us_per_pair"] for s in runs)
+        cpus = [s["cpu_us_per_pair"] for s in runs if s["cpu_us_per_pair"] is not None]
+        cpu = statistics.fmean(cpus) if cpus else None
         table.add_row(command, lengths, name, " ".join(f"{s['pairs_per_s']:,.0f}" for s in runs),
-                      " ".join(f"{s['cpu_us_per_pair']:.1f}" for s in runs), f"{rate:,.0f}")
+                      " ".join(f"{c:.1f}" for c in cpus) or "-", f"{rate:,.0f}", f"{rate / raw:.2f}")
         rows.append({"command": command, "workload": lengths, "code": name, "runs": runs,
-                     "mean_pairs_per_s": rate, "mean_cpu_us_per_pair": cpu})
+                     "mean_pairs_per_s": rate, "mean_cpu_us_per_pair": cpu, "of_stand_in_alone": rate / raw})
     console.print(table)
     from xbench.results.store import environment, write_json
 
-    write_json(out, {"env": environment(), "gpu_us_per_pair": gpu_us, "batch": batch, "concurrency": concurrency,
-                     "tokenizer_processes": tokenizers,
-                     "stand_in_tokenizer": stand_in_tokenizer, "model_workers": workers, "against": against, "rows": rows})
+    write_json(out, {"env": environment(), "gpu_us_per_pair": gpu_us, "launch_us_per_batch": launch_us, "batch": batch,
+                     "concurrency": concurrency, "tokenizer_processes": tokenizers,
+                     "stand_in_tokenizer": stand_in_tokenizer, "model_workers": workers, "modes": mode_list,
+                     "against": against, "rows": rows})
     console.print(f"wrote {out}")
 
 

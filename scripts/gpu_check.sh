@@ -5,7 +5,9 @@
 # pipeline ÷ raw forward. About five minutes on an H100 with the defaults.
 #   scripts/gpu_check.sh [extra overrides]
 #   GPU_MODEL=DIR            a local model folder instead of the embedded default
-#   GPU_PATHS="pytorch:fp16 ..."  the paths infer- and pipeline-bench run (backend:precision[:graphs])
+#   GPU_PATHS="pytorch:fp16 ..."  the paths infer- and pipeline-bench run, backend:precision[:variants],
+#                            variants joined by +: graphs (CUDA graphs), thread (model_pool.mode=thread:
+#                            the backend in the main process, as before the model process)
 #   GPU_FIDELITY_PATHS=pytorch:fp16,pytorch:fp16:graphs  the paths gpu_check.py scores
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,18 +17,20 @@ MODEL=${GPU_MODEL:-xbench/minilm-l6-seeded}
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 "$PY" scripts/gpu_check.py --model "$MODEL" ${GPU_FIDELITY_PATHS:+--paths "$GPU_FIDELITY_PATHS"}
-paths=${GPU_PATHS:-"pytorch:fp16 pytorch:fp16:graphs pytorch:bf16 pytorch:fp32 compiled:fp16"}
+paths=${GPU_PATHS:-"pytorch:fp16 pytorch:fp16:thread pytorch:fp16:graphs pytorch:bf16 pytorch:fp32 compiled:fp16"}
 common=(-b 128 -c 16 -d 10 --warmup 5 model_pool.instances.0.name="$MODEL" model_pool.instances.0.device=cuda
         batching.max_batch_size=256 batching.max_batch_tokens=65536 tokenizer_pool.workers=8)
 for lengths in msmarco longtail; do
   "$PY" -m xbench tokenize-bench "${common[@]}" workload.lengths="$lengths" -o "$OUT/tokenize-$lengths.json" "$@"
   for path in $paths; do
     IFS=: read -r backend precision variant <<<"$path"
-    graphs=(); [ "$variant" = graphs ] && graphs=(model_pool.instances.0.cuda_graphs=true)
+    options=()
+    [[ "+$variant+" == *+graphs+* ]] && options+=(model_pool.instances.0.cuda_graphs=true)
+    [[ "+$variant+" == *+thread+* ]] && options+=(model_pool.mode=thread)
     for command in infer-bench pipeline-bench; do
       "$PY" -m xbench "$command" "${common[@]}" -o "$OUT/$command-$backend-$precision${variant:+-$variant}-$lengths.json" \
         model_pool.instances.0.backend="$backend" model_pool.instances.0.quantization="$precision" \
-        "${graphs[@]}" workload.lengths="$lengths" "$@"
+        "${options[@]}" workload.lengths="$lengths" "$@"
     done
   done
 done

@@ -162,6 +162,7 @@ def test_auto_tokenizer_mode_uses_processes_beside_a_cuda_model(tiny_model, devi
     ["batching.length_bucketing=false", "model_pool.workers=2", "tokenizer_pool.workers=2"],
     ["batching.enabled=false"],
     ["tokenizer_pool.mode=process", "tokenizer_pool.workers=2"],  # ids cross processes as flat arrays
+    ["model_pool.mode=process", "model_pool.workers=2"],  # batches and scores cross to the model process
 ])
 def test_pipeline_scores_match_direct_model_call_in_order(tiny_model, tiny_overrides, overrides):
     cfg = compose_config(tiny_overrides + overrides)

@@ -33,7 +33,7 @@ class Choice(str, Enum):
         return str(self.value)
 
 
-class TokenizerMode(Choice):
+class WorkerMode(Choice):
     auto = "auto"
     thread = "thread"
     process = "process"
@@ -77,6 +77,12 @@ class ModelPoolConfig:
     workers: Optional[int] = None
     # Intra-op threads per worker; null splits the cores evenly between the workers.
     threads_per_worker: Optional[int] = None
+    # thread: each worker owns a backend in this process (every backend releases the GIL while
+    # it computes); process: the workers hand their batches to one backend in a spawned process
+    # of its own, which runs them back to back, so launching a CUDA model's kernels never waits
+    # on the GIL the tokenizer results, the batcher and the server need (threads_per_worker is
+    # then that backend's); auto: process beside a CUDA model, thread elsewhere.
+    mode: WorkerMode = WorkerMode.auto
 
 
 @dataclass
@@ -91,7 +97,7 @@ class TokenizerPoolConfig:
     # process: each worker is a process with its own tokenizer, so its Python work never
     # holds the GIL a model worker needs (1.3x the pipeline on an H200 host at fp16);
     # auto: process when the model runs on CUDA, thread on the CPU.
-    mode: TokenizerMode = TokenizerMode.auto
+    mode: WorkerMode = WorkerMode.auto
 
 
 @dataclass

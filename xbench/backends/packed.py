@@ -326,10 +326,10 @@ class PackedEncoder(nn.Module):
                      ) -> torch.Tensor:
         """Embeddings of packed tokens [tokens] -> [tokens, hidden], positions given (the padded
         layout is never built): the model's own embedding module, on one row of all the tokens."""
-        inputs = {"input_ids": input_ids[None], "position_ids": position_ids[None]}
-        if self.kind != "distilbert":
-            inputs["token_type_ids"] = token_type_ids[None]
-        x = self.embeddings(**inputs)[0]
+        e = self.embeddings
+        if self.kind == "distilbert":  # its module takes no position ids before transformers 5: its sum here
+            return e.dropout(e.LayerNorm(e.word_embeddings(input_ids) + e.position_embeddings(position_ids)))
+        x = e(input_ids=input_ids[None], token_type_ids=token_type_ids[None], position_ids=position_ids[None])[0]
         return self.embeddings_project(x) if self.embeddings_project is not None else x
 
     def encode(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:

@@ -29,10 +29,19 @@ def load_torch_model(model_dir: str, trust_remote_code: bool = False, attention:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=trust_remote_code,
-        attn_implementation=attention, dtype=torch.float32,
-    )
+
+    def load(implementation: str) -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=trust_remote_code,
+            attn_implementation=implementation, dtype=torch.float32,
+        )
+
+    try:
+        model = load(attention)
+    except ValueError as exc:  # transformers 4 has no SDPA path for some architectures (ELECTRA)
+        if attention != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+            raise
+        model = load("eager")  # the packed model runs its own attention either way
     return model.eval()
 
 

@@ -70,7 +70,7 @@ class PipelineTarget:
         self.model_info = model_info(self.pipeline.model)
         d = self.pipeline.describe()
         self.params = {k: d[k] for k in ("backend", "device", "precision", "max_length", "model_workers",
-                                         "threads_per_worker", "tokenizer_workers", "tokenizer_mode", "parallelism")}
+                                         "model_mode", "threads_per_worker", "tokenizer_workers", "tokenizer_mode", "parallelism")}
         b = cfg.batching
         self.params.update(batching=bool(b.enabled), max_batch_size=b.max_batch_size,
                            max_batch_tokens=b.max_batch_tokens, timeout_ms=b.timeout_ms,

@@ -1,8 +1,14 @@
-"""ModelPool: M worker threads, each owning one backend instance, pulling batches.
+"""ModelPool: M worker threads pulling batches, each running them on a backend.
 
-Threads, not processes: every backend releases the GIL inside its forward pass, and threads
-share the batches without copying them. Each worker sets its own intra-op thread count, by
-default the cores split evenly, so M workers on C cores do not oversubscribe them.
+Thread mode: each worker owns a backend instance in this process. Every backend releases the
+GIL inside its forward pass, and threads share the batches without copying them. Each worker
+sets its own intra-op thread count, by default the cores split evenly, so M workers on C cores
+do not oversubscribe them.
+
+Process mode (the default beside a CUDA model): the workers share one backend that runs in a
+spawned process of its own (core/model_process.py), so the host work of launching a GPU's kernels
+and the rest of the pipeline's Python do not take turns on one GIL. The process runs the
+workers' batches back to back; M is then how many batches are handed over at once.
 
 The pool counts the tokens it computes: real tokens, padded tokens (rows x longest) and the
 tokens the dense layers actually ran on (the real ones for a packed backend), so every result
@@ -60,6 +66,12 @@ def default_workers(device: str) -> int:
     return 2 if str(device).startswith("cuda") else 1
 
 
+def default_mode(device: str) -> str:
+    """`model_pool.mode=auto`: the backend in a process of its own beside a CUDA model, whose
+    launches need the GIL; threads on the CPU, where the backend releases it while it computes."""
+    return "process" if str(device).startswith("cuda") else "thread"
+
+
 def threads_per_worker(workers: int, configured: int | None) -> int:
     if configured:
         return int(configured)
@@ -69,9 +81,10 @@ def threads_per_worker(workers: int, configured: int | None) -> int:
 class ModelPool:
     def __init__(self, backend: BackendFactory, workers: int, threads: int | None,
                  source: BatchSource, observe: BatchObserver | None = None,
-                 after_batch: Callable[[], None] | None = None):
+                 after_batch: Callable[[], None] | None = None, mode: str = "thread"):
         self.workers = workers
-        self.threads = threads_per_worker(workers, threads)
+        self.mode = mode
+        self.threads = threads_per_worker(1 if mode == "process" else workers, threads)
         self._create_backend = backend
         self._source = source
         self._observe = observe
@@ -85,16 +98,23 @@ class ModelPool:
         self._warm = threading.Barrier(workers)
         self._ready = threading.Barrier(workers + 1)
         self._load_errors: list[BaseException] = []
-        self.backend_info: dict[str, Any] = {}
+        self._backend_info: dict[str, Any] = {}
         self.packed = False
         self.tokens = TokenCounts()
         self._tokens_lock = threading.Lock()
+        self.backend_process: Any = None  # the shared BackendProcess, in process mode
         self.alive = False
 
     def start(self, warmup: Callable[[Backend], None] | None = None,
               calibrate: Callable[[Backend], None] | None = None) -> None:
         """Load one backend per worker (on the worker's thread), wait until all are warm, then
-        let worker 0 `calibrate` its backend while the others are idle."""
+        let worker 0 `calibrate` its backend while the others are idle. In process mode the one
+        backend loads first, in its process (its load error is raised here), and every worker
+        takes it."""
+        if self.mode == "process":
+            from xbench.core.model_process import BackendProcess
+
+            self.backend_process = BackendProcess(self._create_backend, self.threads)
         for i in range(self.workers):
             t = threading.Thread(target=self._run, args=(i, warmup, calibrate), name=f"xbench-model-{i}", daemon=True)
             t.start()
@@ -109,7 +129,7 @@ class ModelPool:
         backend = None
         try:
             with self._loading:
-                backend = self._create_backend(self.threads)
+                backend = self.backend_process or self._create_backend(self.threads)
                 if warmup:
                     warmup(backend)
         except BaseException as exc:  # reported by start() on the caller's thread
@@ -120,7 +140,7 @@ class ModelPool:
                 self.packed = bool(getattr(backend, "packed", False))
                 if calibrate:
                     calibrate(backend)
-                self.backend_info = backend.describe()
+                self._backend_info = backend.describe()
         except BaseException as exc:
             self._load_errors.append(exc)
         self._ready.wait()
@@ -132,7 +152,7 @@ class ModelPool:
                 if self._after_batch:
                     self._after_batch()
         finally:
-            if hasattr(backend, "close"):  # engines with threads of their own end them here
+            if hasattr(backend, "close") and backend is not self.backend_process:  # engines with threads of their own
                 backend.close()
 
     def _process(self, backend: Backend, batch: ModelBatch) -> None:
@@ -153,16 +173,25 @@ class ModelPool:
         for job, rows in batch.by_job():  # a job's rows lie together: one call a job, not a pair
             job.deliver(batch.index[rows], logits[rows], start)
 
+    @property
+    def backend_info(self) -> dict[str, Any]:
+        """What the backend says of itself (a model process: as of now, with its restarts)."""
+        return self.backend_process.describe() if self.backend_process is not None else self._backend_info
+
     def token_counts(self) -> TokenCounts:
         """A snapshot of the token counters (subtract two with `since`)."""
         with self._tokens_lock:
             return TokenCounts(**asdict(self.tokens))
 
     def healthy(self) -> bool:
-        """Loaded, and every worker thread still running."""
-        return self.alive and all(t.is_alive() for t in self._threads)
+        """Loaded, every worker thread still running, and the model process (if any) able to
+        score: one that died is replaced, one that could not be is a fault."""
+        return (self.alive and all(t.is_alive() for t in self._threads)
+                and (self.backend_process is None or self.backend_process.fault is None))
 
     def join(self) -> None:
         for t in self._threads:
             t.join()
+        if self.backend_process is not None:
+            self.backend_process.close()
         self.alive = False

@@ -10,6 +10,7 @@ resolved model, its tokenizer pool, the batching config and a backend factory);
 from __future__ import annotations
 
 import dataclasses
+import functools
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from xbench.core import cost_model
 from xbench.core.backlog import Backlog
 from xbench.core.batcher import Batcher, ModelBatch
 from xbench.core.memory import MemoryReleaser
-from xbench.core.model_pool import BackendFactory, ModelPool, default_workers
+from xbench.core.model_pool import BackendFactory, ModelPool, default_mode, default_workers
 from xbench.core.request import RerankJob, RerankResult
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool
 from xbench.errors import InputTooLong
@@ -42,7 +43,7 @@ class Pipeline:
     def __init__(self, model: ResolvedModel, tokenizers: TokenizerPool, batching: BatchingConfig,
                  backend: BackendFactory, describe_backend: dict[str, Any], workers: int = 1,
                  threads_per_worker: int | None = None,
-                 observe_batch: Callable[[ModelBatch, float], None] | None = None):
+                 observe_batch: Callable[[ModelBatch, float], None] | None = None, model_mode: str = "thread"):
         self.model = model
         self.max_length = tokenizers.max_length
         self.tokenizers = tokenizers
@@ -52,7 +53,7 @@ class Pipeline:
         self._observe_batch = observe_batch
         self.memory = MemoryReleaser()
         self.models = ModelPool(backend, workers, threads_per_worker, self.batcher.next_batch, self._observed,
-                                self._after_batch)
+                                self._after_batch, model_mode)
         self._backend_params = describe_backend  # backend, device, precision: what the factory builds
         self.started = False
 
@@ -65,13 +66,12 @@ class Pipeline:
         backend, device = normalize(inst.backend, inst.device)
         tokenizers = TokenizerPool.for_model(model.path, effective_max_length(model, inst.max_length),
                                              cfg.tokenizer_pool, device)
-
-        def factory(threads: int) -> Backend:
-            return create_backend(inst, str(model.path), threads)
-
+        mode = str(cfg.model_pool.mode)
+        factory = functools.partial(create_backend, inst, str(model.path))  # picklable: process mode sends it
         return cls(model, tokenizers, cfg.batching, factory,
                    {"backend": backend, "device": device, "precision": inst.quantization},
-                   cfg.model_pool.workers or default_workers(device), cfg.model_pool.threads_per_worker, observe_batch)
+                   cfg.model_pool.workers or default_workers(device), cfg.model_pool.threads_per_worker, observe_batch,
+                   default_mode(device) if mode == "auto" else mode)
 
     def start(self) -> "Pipeline":
         self.tokenizers.warmup()
@@ -154,6 +154,7 @@ class Pipeline:
             **self._backend_params,
             "max_length": self.max_length,
             "model_workers": self.models.workers,
+            "model_mode": self.models.mode,
             "threads_per_worker": self.models.threads,
             "tokenizer_workers": self.tokenizers.workers,
             "tokenizer_mode": self.tokenizers.mode,

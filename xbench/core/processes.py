@@ -156,6 +156,10 @@ class WorkerProcesses(Executor):
                 self._settle(key, result, error)
 
     @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    @property
     def broken(self) -> str | None:
         """Why the pool takes no more jobs after a worker died, or None while it is whole."""
         return self._broken

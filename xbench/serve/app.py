@@ -171,7 +171,7 @@ class RerankService:
             d = p.describe()
             models.append({"model": name, "backend": d["backend"], "device": d["device"], "precision": d["precision"],
                            "max_input_length": p.max_length, "model_workers": d["model_workers"],
-                           "tokenizer_workers": d["tokenizer_workers"],
+                           "model_mode": d["model_mode"], "tokenizer_workers": d["tokenizer_workers"],
                            "packed": d["packed"], "planner": d["planner"], "batch_cost_model": d["batch_cost_model"],
                            "relevance_trained": p.model.relevance_trained, "note": p.model.note})
         first = models[0] if models else {}

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from xbench.config import compose_config
-from xbench.core.model_pool import default_mode
+from xbench.core.model_pool import ModelPool, default_mode
+from xbench.core.model_process import _release_memory
 from xbench.core.pipeline import Pipeline
 from xbench.serve.process import start_server
 from xbench.workload import synthetic
@@ -67,6 +68,8 @@ def test_the_backend_runs_in_a_process_of_its_own_and_scores_as_in_this_one(tiny
                 assert pid != os.getpid() and described["engine"]["process"] == "own"
                 assert described["engine"]["packed"] is True  # what the backend in the process said of itself
                 assert pipe.models.packed and pipe.batcher.cost is not None  # calibrated through the process
+                # The process gives memory back by itself when asked (the pipeline asks when idle).
+                assert isinstance(pipe.models.backend_process._pool.submit(_release_memory).result(), bool)
         if mode == "process":
             wait_until(lambda: not Path(f"/proc/{pid}").exists())  # closing the pipeline ends it
     for a, b in zip(logits["thread"], logits["process"]):
@@ -89,10 +92,8 @@ def test_a_backend_that_cannot_load_raises_its_own_error_from_its_process(tmp_pa
 
 
 def test_a_killed_model_process_fails_the_batch_it_held_and_a_new_one_takes_the_next(tiny_overrides):
-    cfg = compose_config(tiny_overrides + ["batching.planner=tokens"])
-    pipe = Pipeline.from_config(cfg)
-    pipe.models = type(pipe.models)(SlowBackend, 1, 1, pipe.batcher.next_batch, pipe._observed, pipe._after_batch,
-                                    "process")
+    pipe = Pipeline.from_config(compose_config(tiny_overrides + ["batching.planner=tokens"]))
+    pipe.models = ModelPool(SlowBackend, 1, 1, pipe.batcher.next_batch, mode="process")  # the class is picklable
     with pipe:
         process = pipe.models.backend_process
         first = process.pid

@@ -178,6 +178,11 @@ class ModelPool:
         """What the backend says of itself (a model process: as of now, with its restarts)."""
         return self.backend_process.describe() if self.backend_process is not None else self._backend_info
 
+    def release_memory(self) -> None:
+        """The model process's share of giving freed memory back (this process's is the pipeline's)."""
+        if self.backend_process is not None:
+            self.backend_process.release_memory()
+
     def token_counts(self) -> TokenCounts:
         """A snapshot of the token counters (subtract two with `since`)."""
         with self._tokens_lock:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xbench.core.memory import MemoryReleaser
 from xbench.core.processes import WorkerProcesses
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,22 @@ BackendFactory = Callable[[int], Any]  # intra-op threads -> a loaded backend; p
 # -- in the model process -------------------------------------------------------------------
 _backend: Any = None
 _load_error: BaseException | None = None
+_memory: MemoryReleaser | None = None
 
 
 def _load(factory: BackendFactory, threads: int) -> None:
     """The process's initializer: a load error is kept and raised by every call, so the parent
     sees the real exception rather than a process that exited."""
-    global _backend, _load_error
+    global _backend, _load_error, _memory
     try:
         _backend = factory(threads)
     except BaseException as exc:
         _load_error = exc
+    _memory = MemoryReleaser()  # its floor: the loaded model
+
+
+def _release_memory() -> bool:
+    return _memory is not None and _memory.maybe_release()
 
 
 def _call(method: str, *args: Any) -> Any:
@@ -117,6 +124,14 @@ class BackendProcess:
             except BaseException as exc:
                 self.fault = f"model process: could not restart the backend ({type(exc).__name__}: {exc})"
                 log.error(self.fault)
+
+    def release_memory(self) -> None:
+        """Ask the process to give back what a burst's large batches freed (core/memory.py), as
+        the pipeline does for itself once the batcher is idle; no waiting for it."""
+        try:
+            self._pool.submit(_release_memory)
+        except (BrokenProcessPool, RuntimeError):  # dead (the next batch restarts it) or closed
+            pass
 
     @property
     def pid(self) -> int:

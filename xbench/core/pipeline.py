@@ -109,6 +109,7 @@ class Pipeline:
     def _after_batch(self) -> None:
         if self.batcher.idle:  # a burst is over: give back what its large batches freed
             self.memory.maybe_release()
+            self.models.release_memory()
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pairs: list[Pair], truncate: bool = True, direction: str = "right") -> RerankJob:

@@ -25,7 +25,6 @@ import threading
 from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
@@ -43,7 +42,7 @@ def _widen(conn: Connection) -> None:
 def _sendable(exc: BaseException) -> BaseException:
     """`exc` if it survives pickling both ways, else a RuntimeError that says what it was."""
     try:
-        pickle.loads(ForkingPickler.dumps(exc))
+        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -72,10 +71,10 @@ def _serve(requests: Connection, results: Connection, initializer: Callable[...,
             reply = (key, fn(*args, **kwargs), None)
         except BaseException as exc:
             reply = (key, None, _sendable(exc))
-        try:
-            results.send(reply)
+        try:  # plain pickle: for a 70 KiB result, an eighth of ForkingPickler's time (Connection.send's)
+            results.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
         except Exception as exc:  # a result that does not pickle
-            results.send((key, None, _sendable(exc)))
+            results.send_bytes(pickle.dumps((key, None, _sendable(exc)), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class WorkerProcesses(Executor):

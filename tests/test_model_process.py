@@ -139,5 +139,8 @@ def test_the_server_replaces_a_killed_model_process_and_keeps_scoring(tiny_model
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
         [successor] = model_processes(s.proc.pid)
         assert successor != pid
+        started = time.monotonic()
+        assert s.stop() == 0 and time.monotonic() - started < 20  # a clean drain closes the model process too
+        assert not Path(f"/proc/{successor}").exists() or b"(Z)" in Path(f"/proc/{successor}/stat").read_bytes()
     finally:
         s.stop()

@@ -1,4 +1,4 @@
-"""Benchmark: the host's Python cost per pair around a model that costs the host nothing (a GPU's view).
+"""Benchmark: the host's Python cost per pair around a stand-in GPU model (what the pipeline costs beside a GPU).
 
 On a GPU the forward pass barely needs the host (with CUDA graphs, one replay per batch), so the
 pipeline's own Python caps its pairs/s: the batcher planning and collating, the model pool
@@ -14,8 +14,14 @@ own limit. `--stand-in-tokenizer` keeps the processes and their traffic but has 
 about the right lengths without tokenizing, as fast as a many-core GPU host's eight processes: the
 pipeline is then bound by the main process, as it is beside a GPU.
 
-    python benchmarks/host_overhead.py [--gpu-us 8] [--duration 8] [--rounds 3] [--against HEAD~1]
-        [--workers 2] [--stand-in-tokenizer]
+An eager PyTorch forward on a GPU is not free for the host: launching its kernels holds the GIL
+for about as long as the GPU runs them. `--launch-us` gives the stand-in that cost per batch, and
+`--modes thread,process` measures the model pool with the backend in the main process and in a
+model process of its own side by side; every round also times the stand-in alone, the "raw
+forward" the pipeline is held to.
+
+    python benchmarks/host_overhead.py [--gpu-us 8] [--launch-us 2000] [--duration 8] [--rounds 3]
+        [--against HEAD~1] [--workers 2] [--modes thread,process] [--stand-in-tokenizer]
 """
 
 from __future__ import annotations

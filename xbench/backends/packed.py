@@ -325,7 +325,8 @@ class PackedEncoder(nn.Module):
     def embed_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
                      ) -> torch.Tensor:
         """Embeddings of packed tokens [tokens] -> [tokens, hidden], positions given (the padded
-        layout is never built): the model's own embedding module, on one row of all the tokens."""
+        layout is never built): the model's own embedding module (DistilBERT's parts), on one row
+        of all the tokens."""
         e = self.embeddings
         if self.kind == "distilbert":  # its module takes no position ids before transformers 5: its sum here
             return e.dropout(e.LayerNorm(e.word_embeddings(input_ids) + e.position_embeddings(position_ids)))

@@ -43,12 +43,34 @@ def test_errors_reach_their_future_and_the_workers_keep_serving(pool):
     assert pool.submit(pow, 3, 3).result(timeout=60) == 27
 
 
-def test_a_dead_worker_breaks_the_pool_instead_of_hanging():
-    pool = WorkerProcesses(1)
+def test_a_dead_worker_fails_the_jobs_it_held_and_a_new_process_takes_its_place(pool):
+    first = pool.pids
+    slow = pool.submit(time.sleep, 0.5)  # goes to one worker; the poison to the other
+    doomed = pool.submit(os._exit, 3)
+    with pytest.raises(BrokenProcessPool, match="exit code 3"):
+        doomed.result(timeout=60)
+    assert slow.result(timeout=60) is None  # the other worker's job was not touched
+    assert pool.restarts == 1 and pool.broken is None
+    assert len(set(pool.pids) - set(first)) == 1  # one new process, in the dead one's place
+    assert sorted(f.result(timeout=60) for f in [pool.submit(pow, i, 2) for i in range(20)]) == sorted(
+        i * i for i in range(20))
+    assert set(f.result(timeout=60) for f in [pool.submit(os.getpid) for _ in range(40)]) <= set(pool.pids)
+
+
+def exit_at_start() -> None:
+    os._exit(4)
+
+
+def test_a_worker_that_keeps_dying_breaks_the_pool_instead_of_respawning_forever():
+    pool = WorkerProcesses(1, initializer=exit_at_start)
     try:
-        doomed = pool.submit(os._exit, 3)
-        with pytest.raises(BrokenProcessPool, match="exit code 3"):
+        doomed = pool.submit(pow, 2, 2)
+        with pytest.raises(BrokenProcessPool, match="exit code 4"):
             doomed.result(timeout=60)
+        deadline = time.monotonic() + 60
+        while pool.broken is None and time.monotonic() < deadline:  # its replacements die too
+            time.sleep(0.05)
+        assert "three times without finishing a job" in pool.broken
         with pytest.raises(BrokenProcessPool):
             pool.submit(pow, 2, 2)
     finally:

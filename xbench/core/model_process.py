@@ -9,7 +9,8 @@ batches down a pipe and wait for the scores with the GIL free. The process runs 
 the order they arrive, so while it runs one the next is already waiting in its queue.
 
 If the process dies (killed, or a crash in native code), the batches it held fail (one of them
-may be what killed it), a fresh process loads the same backend, and batches not yet sent go to it.
+may be what killed it) and the pool starts a new process that loads the same backend
+(core/processes.py); the batches after go to it.
 """
 
 from __future__ import annotations
@@ -69,73 +70,72 @@ def _traits() -> dict[str, Any]:
 # -- in the parent ----------------------------------------------------------------------------
 class BackendProcess:
     def __init__(self, factory: BackendFactory, threads: int, name: str = "xbench-model"):
-        self._factory = factory
-        self._threads = threads
-        self._name = name
-        self._restarting = threading.Lock()
-        self.restarts = 0
-        self.fault: str | None = None  # set when a restart could not load the backend
-        self._pool = self._spawn()  # raises the backend's load error
-        if self._traits["forward_packed"]:  # a packed backend without it gets padded batches
-            self.forward_packed = functools.partial(self._run, "forward_packed")
-
-    def _spawn(self) -> WorkerProcesses:
-        pool = WorkerProcesses(1, _load, (self._factory, self._threads), name=self._name)
+        self._checking = threading.Lock()
+        self._checked = 0  # replacements whose load is known to have worked
+        self._load_fault: str | None = None  # set when a replacement could not load the backend
+        self._pool = WorkerProcesses(1, _load, (factory, threads), name=name)
         try:
-            self._traits = pool.submit(_traits).result()
+            self._traits = self._pool.submit(_traits).result()  # raises the backend's load error
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             raise
         self.packed = self._traits["packed"]
         self.varlen_attention = self._traits["varlen_attention"]
         self.graphed = True if self._traits["graphed"] else None
-        return pool
+        if self._traits["forward_packed"]:  # a packed backend without it gets padded batches
+            self.forward_packed = functools.partial(self._run, "forward_packed")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         return self._run("forward", input_ids, attention_mask, token_type_ids)
 
-    def _run(self, method: str, *args: Any, retry: bool = True) -> Any:
+    def _run(self, method: str, *args: Any) -> Any:
         if self.fault:
             raise RuntimeError(self.fault)
-        pool = self._pool
-        try:
-            future = pool.submit(_call, method, *args)
-        except BrokenProcessPool:  # it died before this batch was sent: the batch goes to its successor
-            self._restart(pool)
-            if retry:
-                return self._run(method, *args, retry=False)
-            raise
-        try:
-            return future.result()
-        except BrokenProcessPool:  # it died holding this batch, which may be what killed it: no retry
-            self._restart(pool)
-            raise
+        if self._pool.restarts != self._checked:
+            self._check_replacement()
+        return self._pool.submit(_call, method, *args).result()
 
-    def _restart(self, dead: WorkerProcesses) -> None:
-        """Replace a pool whose process died, once, however many callers saw it die."""
-        with self._restarting:
-            if self._pool is not dead or self.fault:
+    def _check_replacement(self) -> None:
+        """The process died and the pool started another (processes.py), whose load is not yet
+        known: a load that fails there (the GPU's memory still held, say) is a fault that /health
+        reports, not an error every batch would meet."""
+        with self._checking:
+            restarts = self._pool.restarts
+            if restarts == self._checked:
                 return
-            dead.shutdown(wait=False)
-            log.warning("model process died (%s); starting a new one", dead.broken)
             try:
-                self._pool = self._spawn()
-                self.restarts += 1
+                self._pool.submit(_traits).result()
+            except BrokenProcessPool:  # it died too: the pool replaces it again, or gives up (broken)
+                raise
             except BaseException as exc:
-                self.fault = f"model process: could not restart the backend ({type(exc).__name__}: {exc})"
-                log.error(self.fault)
+                self._load_fault = f"its replacement could not load the backend ({type(exc).__name__}: {exc})"
+                log.error("model process: %s", self._load_fault)
+                raise RuntimeError(self.fault) from exc
+            log.warning("model process died and was replaced (%d so far)", restarts)
+            self._checked = restarts
 
     def release_memory(self) -> None:
         """Ask the process to give back what a burst's large batches freed (core/memory.py), as
         the pipeline does for itself once the batcher is idle; no waiting for it."""
         try:
             self._pool.submit(_release_memory)
-        except (BrokenProcessPool, RuntimeError):  # dead (the next batch restarts it) or closed
+        except (BrokenProcessPool, RuntimeError):  # broken or closed: nothing to release
             pass
 
     @property
     def pid(self) -> int:
         return self._pool.pids[0]
+
+    @property
+    def fault(self) -> str | None:
+        """Why no batch can be scored (a replacement that could not load, or a process that keeps
+        dying), or None."""
+        reason = self._load_fault or self._pool.broken
+        return f"model process: {reason}" if reason else None
+
+    @property
+    def restarts(self) -> int:
+        return self._pool.restarts
 
     def describe(self) -> dict[str, Any]:
         return {**self._traits["describe"], "process": "own", "process_restarts": self.restarts}

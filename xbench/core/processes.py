@@ -11,7 +11,8 @@ write until the manager thread got the GIL to read it.
 Here every job goes straight down its worker's pipe from the submitting thread (to the worker
 with the fewest outstanding), each worker reads its pipe as soon as anything arrives into a queue
 of its own, pipes are widened to 1 MiB where Linux allows it, and one thread of the parent takes
-every result back and completes its future there.
+every result back and completes its future there. A worker that dies (killed, or a crash in
+native code) fails only the jobs it held, and a new process takes its place.
 """
 
 from __future__ import annotations
@@ -80,33 +81,38 @@ def _serve(requests: Connection, results: Connection, initializer: Callable[...,
 class WorkerProcesses(Executor):
     def __init__(self, workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = (),
                  name: str = "xbench-worker"):
-        ctx = mp.get_context("spawn")  # forking a process that already ran rayon threads can deadlock
-        self._requests: list[Connection] = []
+        self._ctx = mp.get_context("spawn")  # forking a process that already ran rayon threads can deadlock
+        self._initializer, self._initargs, self._name = initializer, initargs, name
+        self._requests: list[Connection] = [None] * workers  # type: ignore[list-item]
+        self._processes: list[Any] = [None] * workers
         self._sending = [threading.Lock() for _ in range(workers)]
-        self._processes: list[Any] = []
-        results: list[Connection] = []
-        for i in range(workers):
-            requests_out, requests_in = ctx.Pipe(duplex=False)
-            results_out, results_in = ctx.Pipe(duplex=False)
-            _widen(requests_in)
-            _widen(results_in)
-            process = ctx.Process(target=_serve, args=(requests_out, results_in, initializer, initargs),
-                                  name=f"{name}-{i}", daemon=True)
-            process.start()
-            requests_out.close()  # the child's ends: EOF then reaches whichever side is left
-            results_in.close()
-            self._requests.append(requests_in)
-            results.append(results_out)
-            self._processes.append(process)
+        results = [self._start(i) for i in range(workers)]
         self._lock = threading.Lock()
         self._futures: dict[int, tuple[Future, int]] = {}  # key -> (its future, its worker)
         self._outstanding = [0] * workers
+        self._deaths_without_progress = [0] * workers  # deaths since the worker last finished a job
+        self.restarts = 0
         self._keys = itertools.count()
         self._closed = False
         self._broken: str | None = None
         self._receiver = threading.Thread(target=self._receive, args=(results,), name=f"{name}-results",
                                           daemon=True)
         self._receiver.start()
+
+    def _start(self, worker: int) -> Connection:
+        """Spawn worker `worker` (its initializer runs first); returns the end its results arrive on."""
+        requests_out, requests_in = self._ctx.Pipe(duplex=False)
+        results_out, results_in = self._ctx.Pipe(duplex=False)
+        _widen(requests_in)
+        _widen(results_in)
+        process = self._ctx.Process(target=_serve, args=(requests_out, results_in, self._initializer, self._initargs),
+                                    name=f"{self._name}-{worker}", daemon=True)
+        process.start()
+        requests_out.close()  # the child's ends: EOF then reaches whichever side is left
+        results_in.close()
+        self._requests[worker] = requests_in
+        self._processes[worker] = process
+        return results_out
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         key = next(self._keys)
@@ -150,8 +156,11 @@ class WorkerProcesses(Executor):
                 try:
                     key, result, error = conn.recv()
                 except (EOFError, OSError):
-                    self._lost(live.pop(conn))
+                    worker = live.pop(conn)
+                    if (replacement := self._lost(worker)) is not None:
+                        live[replacement] = worker
                     continue
+                self._deaths_without_progress[live[conn]] = 0
                 self._settle(key, result, error)
 
     @property
@@ -160,22 +169,37 @@ class WorkerProcesses(Executor):
 
     @property
     def broken(self) -> str | None:
-        """Why the pool takes no more jobs after a worker died, or None while it is whole."""
+        """Why the pool takes no more jobs (a worker that keeps dying), or None while it serves."""
         return self._broken
 
-    def _lost(self, worker: int) -> None:
-        """A worker's results pipe closed: expected after shutdown, a crash before it. A crash
-        breaks the pool (as ProcessPoolExecutor's does): every job still out fails, and so does
-        every later submit, rather than waiting forever."""
+    def _lost(self, worker: int) -> Connection | None:
+        """A worker's results pipe closed: expected after shutdown, a death before it. The jobs
+        it held fail (one may be what killed it) and a new process takes its place; the other
+        workers' jobs go on. A worker that dies three times without finishing a job in between
+        (a crash in its initializer, say) breaks the pool, as ProcessPoolExecutor's breaks at the
+        first death: every job still out fails, and so does every later submit, rather than the
+        pool respawning forever. Returns the replacement's results end, or None."""
         process = self._processes[worker]
         process.join(timeout=5)  # reaped, so its exit code says how it died
+        reason = f"worker process {worker} died unexpectedly (exit code {process.exitcode})"
         with self._lock:
             if self._closed:
-                return
-            self._broken = f"a worker process died unexpectedly (exit code {process.exitcode})"
-            pending = list(self._futures)
+                return None
+            self._deaths_without_progress[worker] += 1
+            if self._deaths_without_progress[worker] >= 3:
+                self._broken = f"{reason}, three times without finishing a job"
+            pending = [key for key, (_, w) in self._futures.items() if self._broken or w == worker]
         for key in pending:
-            self._settle(key, None, BrokenProcessPool(self._broken))
+            self._settle(key, None, BrokenProcessPool(self._broken or reason))
+        if self._broken:
+            return None
+        with self._sending[worker]:  # no job goes down the dead pipe while it is swapped
+            if self._closed:  # shut down meanwhile: nothing to replace it for
+                return None
+            self._requests[worker].close()
+            replacement = self._start(worker)
+        self.restarts += 1
+        return replacement
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Close the job pipes: each worker finishes what it was sent, then exits."""

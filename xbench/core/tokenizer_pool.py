@@ -425,7 +425,7 @@ class TokenizerPool:
             f.result()
 
     def fault(self) -> str | None:
-        """What keeps the pool from tokenizing (a worker process died), or None."""
+        """What keeps the pool from tokenizing (a worker process that keeps dying), or None."""
         broken = getattr(self._executor, "broken", None)
         return f"tokenizer pool: {broken}" if broken else None
 

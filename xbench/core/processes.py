@@ -157,6 +157,7 @@ class WorkerProcesses(Executor):
                     key, result, error = conn.recv()
                 except (EOFError, OSError):
                     worker = live.pop(conn)
+                    conn.close()
                     if (replacement := self._lost(worker)) is not None:
                         live[replacement] = worker
                     continue

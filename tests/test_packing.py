@@ -142,8 +142,16 @@ def test_cuda_graphs_replay_the_eager_packed_scores():
     assert graphed.describe()["replays"] >= len(batches)
 
 
+def packing_of(lengths: list[int], grouped: bool = False) -> Packing:
+    """The CPU packing of pairs of these lengths, offsets taken from `pack_inputs`' buffer."""
+    lengths = np.array(lengths)
+    shape, inputs = pack_inputs(np.zeros(lengths.sum(), np.int32), np.zeros(lengths.sum(), np.int32), lengths, 0)
+    _, _, _, offsets, first = shape.views(torch.from_numpy(inputs))
+    return Packing.of_lengths(lengths, offsets, first, grouped)
+
+
 def test_packing_gathers_real_tokens_and_restores_the_layout():
-    p = Packing.of_lengths(np.array([3, 1, 4]), torch.device("cpu"))
+    p = packing_of([3, 1, 4])
     assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.first.tolist() == [0, 3, 4]
     x = torch.arange(12.0).reshape(3, 4, 1)
     packed = p.pack(x)
@@ -151,13 +159,13 @@ def test_packing_gathers_real_tokens_and_restores_the_layout():
     back = p.unpack(packed).reshape(3, 4)
     assert back.tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [8, 9, 10, 11]]
     assert p.key_mask[:, 0, 0].tolist() == [[True, True, True, False], [True, False, False, False], [True] * 4]
-    full = Packing.of_lengths(np.array([3, 3]), torch.device("cpu"))
+    full = packing_of([3, 3])
     assert full.key_mask is None and full.index is None  # no padding: no mask, no copies
 
 
 def test_cpu_attention_runs_per_group_of_similar_lengths():
     lengths = [8, 9, 10, 209, 210]
-    p = Packing.of_lengths(np.array(lengths), torch.device("cpu"), grouped=True)
+    p = packing_of(lengths, grouped=True)
     assert [g.rows for g in p.groups] == [3, 2] and [g.longest for g in p.groups] == [10, 210]
     assert sum(len(g.tokens) for g in p.groups) == sum(lengths)
 

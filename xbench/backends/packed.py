@@ -71,21 +71,19 @@ class Packing:
     varlen: bool = False
 
     @classmethod
-    def of_lengths(cls, lengths: np.ndarray, device: torch.device, grouped: bool = False) -> "Packing":
-        """The packing of pairs of these lengths, worked out on the host (no device sync);
+    def of_lengths(cls, lengths: np.ndarray, cu_seqlens: torch.Tensor, first: torch.Tensor,
+                   grouped: bool = False) -> "Packing":
+        """The padded layout of pairs of these lengths, worked out on the host (no device sync),
+        beside their offsets and first tokens (`pack_inputs`' buffer holds both, on the device);
         `grouped`: attention in groups of similar length (the CPU's way)."""
-        rows, longest = len(lengths), int(lengths.max())
-        offsets = np.zeros(rows + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        cu = torch.from_numpy(offsets).to(device)
-        first = cu[:-1]
+        rows, longest, device = len(lengths), int(lengths.max()), cu_seqlens.device
         if (lengths == longest).all():  # no padding: no index, no mask, no copies
-            return cls(rows, longest, None, None, cu, first)
+            return cls(rows, longest, None, None, cu_seqlens, first)
         index = torch.from_numpy(run_positions(np.arange(rows) * longest, lengths)).to(device)
         key_mask = torch.from_numpy(np.arange(longest) < lengths[:, None]).to(device)[:, None, None, :]
-        packing = cls(rows, longest, index, key_mask, cu, first)
-        if grouped:
-            packing.groups = attention_groups(lengths.tolist(), offsets.tolist(), device)
+        packing = cls(rows, longest, index, key_mask, cu_seqlens, first)
+        if grouped:  # the CPU's: reading the offsets back costs nothing there
+            packing.groups = attention_groups(lengths.tolist(), cu_seqlens.tolist(), device)
         return packing
 
     @classmethod

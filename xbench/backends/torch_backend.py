@@ -180,11 +180,11 @@ class TorchBackend:
                 return relevance(self.graphed.forward(flat_ids, flat_types, lengths).numpy())
             shape, inputs = pack_inputs(flat_ids, flat_types, lengths, self.model.position_offset)
             buffer = self._to_device(inputs)
+            _, _, _, offsets, first = shape.views(buffer)
             if self.flash_varlen:
-                _, _, _, offsets, first = shape.views(buffer)
                 packing = Packing.of_offsets(offsets, first, shape.longest)
             else:  # the CPU groups pairs of similar length for attention; CUDA makes one padded call
-                packing = Packing.of_lengths(lengths, self.device, grouped=self.device.type == "cpu")
+                packing = Packing.of_lengths(lengths, offsets, first, grouped=self.device.type == "cpu")
             return relevance(self.model(buffer, shape, packing).float().cpu().numpy())
 
     def _to_device(self, inputs: np.ndarray) -> torch.Tensor:

@@ -130,7 +130,7 @@ class ModelPool:
         try:
             with self._loading:
                 backend = self.backend_process or self._create_backend(self.threads)
-                if warmup:
+                if warmup and (index == 0 or self.backend_process is None):  # a shared backend warms up once
                     warmup(backend)
         except BaseException as exc:  # reported by start() on the caller's thread
             self._load_errors.append(exc)

@@ -242,7 +242,7 @@ def _print_report(folder: Path) -> None:
     from xbench.results.report import render_table
     from xbench.results.store import read_results
 
-    docs = sorted(read_results(folder), key=lambda d: d["_path"])
+    docs = read_results(folder)
     console.print(render_table(docs, title=f"{folder}"))
     console.print(f"[dim]report: {folder / 'results.md'}[/]")
 
@@ -290,7 +290,7 @@ def report_command(
     from xbench.results.report import export_text
     from xbench.results.store import read_results, write_text
 
-    docs = sorted(read_results(path), key=lambda d: d["_path"])
+    docs = read_results(path)
     if not docs:
         raise DataError(f"{path}: no result documents there")
     text = export_text(docs, fmt)

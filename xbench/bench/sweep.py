@@ -239,10 +239,10 @@ def _remember_ctrl_c(signum: int, frame: Any) -> None:
 
 def write_report(run_dir: Path, reference: bool = False) -> Path:
     """results.md in `run_dir` from the documents below it (for a study: its runs.json)."""
-    from xbench.results.report import (context_section, convergence_section, environment_line, markdown_table,
-                                       reference_table)
+    from xbench.results.report import (context_section, convergence_section, environment_line, in_order,
+                                       markdown_table, reference_table)
 
-    docs = sorted(read_results(run_dir), key=lambda d: d["_path"])
+    docs = in_order(read_results(run_dir))
     env = next((d["env"] for d in docs if "env" in d), environment())
     title = ("Reproduction of the reference study" if reference
              else docs[0].get("experiment", run_dir.parent.name) if docs else run_dir.parent.name)

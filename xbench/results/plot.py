@@ -15,25 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from xbench.errors import DataError  # noqa: E402
-from xbench.results.report import COLUMNS, KIND, environment_line, row  # noqa: E402
+from xbench.results.report import configuration, environment_line, experiment_id, in_order, table_cells  # noqa: E402
 from xbench.results.store import read_results  # noqa: E402
-
-
-def _series_label(doc: dict, drop: str) -> str:
-    """A line's name: the configuration without the axis being plotted."""
-    p = doc["params"]
-    parts = [KIND.get(doc["command"], doc["command"])]
-    if p.get("backend") and doc["command"] != "tokenize-bench":
-        parts.append(f"{p['backend']} {p.get('precision')}")
-    if drop != "batch":
-        parts.append(f"b{p.get('batch')}")
-    if drop != "concurrency" and p.get("concurrency") is not None:
-        parts.append(f"c{p['concurrency']}")
-    if p.get("tokenizer_workers") is not None and doc["command"] != "infer-bench":
-        parts.append(f"tw{p['tokenizer_workers']}" + ("+par" if p.get("parallelism") else ""))
-    if p.get("model_workers") is not None and doc["command"] != "tokenize-bench":
-        parts.append(f"mw{p['model_workers']}")
-    return " · ".join(parts)
 
 
 def _lines(docs: list[dict], axis: str) -> dict[str, list[tuple[float, dict]]]:
@@ -41,7 +24,7 @@ def _lines(docs: list[dict], axis: str) -> dict[str, list[tuple[float, dict]]]:
     for d in docs:
         x = d["params"].get(axis)
         if x is not None:
-            out[_series_label(d, axis)].append((float(x), d))
+            out[configuration(d, drop=axis, workers=True)].append((float(x), d))
     return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len({x for x, _ in v}) >= 2}
 
 
@@ -76,7 +59,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_results(path: Path, out: Path) -> list[Path]:
-    docs = [d for d in read_results(path) if not d.get("error") and d.get("summary")]
+    docs = in_order([d for d in read_results(path) if not d.get("error") and d.get("summary")])
     if not docs:
         raise DataError(f"{path}: no result documents to plot")
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +114,8 @@ def plot_results(path: Path, out: Path) -> list[Path]:
         written.append(_save(fig, out / "tokenizer_scaling.png"))
 
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(docs) + 1.5))
-    labels = [_series_label(d, drop="") for d in docs]
+    several = len({experiment_id(d) for d in docs}) > 1  # a study: repeats of one point in two experiments
+    labels = [(f"{experiment_id(d)}: " if several else "") + configuration(d, workers=True) for d in docs]
     values = [d["summary"]["pairs_per_s"] for d in docs]
     colors = [{"tokenize-bench": "tab:green", "infer-bench": "tab:orange", "pipeline-bench": "tab:blue"}.get(d["command"], "tab:gray")
               for d in docs]
@@ -150,8 +134,9 @@ def plot_results(path: Path, out: Path) -> list[Path]:
 def _index(docs: list[dict], charts: list[Path], path: Path) -> Path:
     """One self-contained page: the table and every chart (embedded, so the file travels alone)."""
     env = docs[0].get("env", {})
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row(d)) + "</tr>" for d in docs)
+    columns, rows = table_cells(docs)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in rows)
     imgs = "".join(
         f'<figure><img alt="{c.stem}" src="data:image/png;base64,{base64.b64encode(c.read_bytes()).decode()}">'
         f'<figcaption><a href="{c.name}">{c.name}</a></figcaption></figure>' for c in charts)

@@ -6,6 +6,7 @@ a point did not converge."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any, Sequence
 
 from rich.table import Table
@@ -34,16 +35,70 @@ def _rate(x: float | None) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def configuration(doc: dict[str, Any]) -> str:
-    p = doc.get("params", {})
-    parts = [KIND.get(doc.get("command", ""), doc.get("command", "?"))]
-    if doc.get("command") != "tokenize-bench" and p.get("backend"):
+# Grid axes that the table shows already: in columns of their own, or in the label's workload.
+SHOWN_AXES = {"tokenizer_pool.workers", "tokenizer_pool.parallelism", "model_pool.workers", "workload.lengths"}
+
+
+def _config_value(config: dict[str, Any], dotted: str) -> Any:
+    """A composed config's value at a dotted override key (`model_pool.instances.0.packed`)."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _grid(doc: dict[str, Any]) -> dict[str, list]:
+    return doc.get("config", {}).get("experiment", {}).get("grid") or {}
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def configuration(doc: dict[str, Any], drop: str = "", workers: bool = False) -> str:
+    """A point's name: what ran, on what, under which load and workload, and the experiment's
+    other grid axes (or two of its points would read the same). `drop` leaves out the axis a
+    chart plots (batch or concurrency); `workers` adds the worker counts, for a chart, which has
+    no columns for them."""
+    p, command = doc.get("params", {}), doc.get("command", "")
+    parts = [KIND.get(command, command or "?")]
+    if command != "tokenize-bench" and p.get("backend"):
         parts.append(f"{p['backend']} {p.get('precision', '')}".strip())
     load = f"rate {p['rate']:g}/s" if p.get("rate") else f"c{p.get('concurrency')}"
-    parts.append(f"b{p.get('batch')} {load}")
+    parts.append(" ".join(part for axis, part in (("batch", f"b{p.get('batch')}"), ("concurrency", load))
+                          if axis != drop))
     if "lengths=" in str(p.get("workload", "")):  # a synthetic mix other than msmarco
         parts.append(str(p["workload"]).split("lengths=")[1].rstrip(")"))
-    return " · ".join(parts)
+    config = doc.get("config", {})
+    parts += [f"{key.rsplit('.', 1)[-1]}={_text(_config_value(config, key))}" for key in _grid(doc)
+              if key not in SHOWN_AXES]
+    if workers and p.get("tokenizer_workers") is not None and command != "infer-bench":
+        parts.append(f"tw{p['tokenizer_workers']}" + ("+par" if p.get("parallelism") else ""))
+    if workers and p.get("model_workers") is not None and command != "tokenize-bench":
+        parts.append(f"mw{p['model_workers']}")
+    return " · ".join(part for part in parts if part)
+
+
+def experiment_id(doc: dict[str, Any]) -> str:
+    """The experiment a point belongs to, as `xbench sweep` names it: its run folder's parent
+    (results/09_concurrency/RUN/point.json)."""
+    return Path(doc.get("_path", "")).parent.parent.name
+
+
+def in_order(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points as a table shows them: run by run in the order given, and within a run along the
+    experiment's own axes (its grid in the order the experiment lists its values, then batch
+    size and load), not by file name."""
+    runs: dict[str, int] = {}
+
+    def key(doc: dict[str, Any]) -> tuple:
+        p, grid = doc.get("params", {}), _grid(doc)
+        axes = [values.index(v) if (v := _config_value(doc.get("config", {}), k)) in values else len(values)
+                for k, values in grid.items()]
+        return (runs.setdefault(str(Path(doc.get("_path", "")).parent), len(runs)), doc.get("command", ""), axes,
+                p.get("batch") or 0, p.get("concurrency") or 0, p.get("rate") or 0, doc.get("_path", ""))
+
+    return sorted(docs, key=key)
 
 
 def _efficiency(doc: dict[str, Any]) -> str:
@@ -133,6 +188,7 @@ def export_text(docs: Sequence[dict[str, Any]], fmt: str) -> str:
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    docs = in_order(docs)
     if fmt == "md":
         return "\n".join([markdown_table(docs), context_section(docs), convergence_section(docs)])
     rows = export_rows(docs)
@@ -207,18 +263,30 @@ def convergence_section(docs: Sequence[dict[str, Any]]) -> str:
     return "## Points that did not converge\n\n" + "\n".join(lines) + "\n"
 
 
+def table_cells(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows, in table order; a table that spans several experiments (a study) names
+    each row's experiment first."""
+    docs = in_order(docs)
+    if len({experiment_id(d) for d in docs}) > 1:
+        return ["Experiment", *COLUMNS], [[experiment_id(d), *row(d)] for d in docs]
+    return list(COLUMNS), [row(d) for d in docs]
+
+
 def render_table(docs: Sequence[dict[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title, header_style="bold", title_justify="left")
-    for i, col in enumerate(COLUMNS):
-        table.add_column(col, justify="right" if i >= NUMERIC_FROM or "workers" in col else "left")
-    for doc in docs:
-        table.add_row(*row(doc))
+    columns, rows = table_cells(docs)
+    for col in columns:
+        numeric = col in COLUMNS[NUMERIC_FROM:] or "workers" in col
+        table.add_column(col, justify="right" if numeric else "left")
+    for cells in rows:
+        table.add_row(*cells)
     return table
 
 
 def markdown_table(docs: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row(d)) + " |" for d in docs]
+    columns, rows = table_cells(docs)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -56,3 +56,16 @@ def test_a_table_over_several_experiments_names_each_rows_experiment():
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 08_batch_sizes"] * 2 + ["| 09_concurrency"]
     csv = export_text([both[1], both[0], both[2]], "csv").splitlines()  # runs as given, points in order
     assert [row.split(",")[0] for row in csv[1:]] == [configuration(d) for d in both]
+
+
+def test_a_grid_over_commands_keeps_its_order_and_names_each_once():
+    commands = ["tokenize-bench", "infer-bench", "pipeline-bench"]
+    docs = []
+    for command in commands:  # the demo's grid: one point of each stage
+        doc = point("demo", 16, grid={"experiment.command": commands})
+        doc["command"] = doc["config"]["experiment"]["command"] = command
+        docs.append(doc)
+    ordered = in_order(sorted(docs, key=lambda d: d["command"]))
+    assert [d["command"] for d in ordered] == commands
+    assert [configuration(d) for d in ordered] == ["Tokenizer only · b16 c4", "Inference only · pytorch fp32 · b16 c4",
+                                                   "Full pipeline · pytorch fp32 · b16 c4"]

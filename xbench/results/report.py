@@ -35,8 +35,10 @@ def _rate(x: float | None) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-# Grid axes that the table shows already: in columns of their own, or in the label's workload.
-SHOWN_AXES = {"tokenizer_pool.workers", "tokenizer_pool.parallelism", "model_pool.workers", "workload.lengths"}
+# Grid axes that the table shows already: in columns of their own, or in the label (its kind of
+# measurement, its workload).
+SHOWN_AXES = {"tokenizer_pool.workers", "tokenizer_pool.parallelism", "model_pool.workers", "workload.lengths",
+              "experiment.command"}
 
 
 def _config_value(config: dict[str, Any], dotted: str) -> Any:
@@ -95,7 +97,7 @@ def in_order(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         p, grid = doc.get("params", {}), _grid(doc)
         axes = [values.index(v) if (v := _config_value(doc.get("config", {}), k)) in values else len(values)
                 for k, values in grid.items()]
-        return (runs.setdefault(str(Path(doc.get("_path", "")).parent), len(runs)), doc.get("command", ""), axes,
+        return (runs.setdefault(str(Path(doc.get("_path", "")).parent), len(runs)), axes,
                 p.get("batch") or 0, p.get("concurrency") or 0, p.get("rate") or 0, doc.get("_path", ""))
 
     return sorted(docs, key=key)

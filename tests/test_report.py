@@ -3,9 +3,13 @@ table over several experiments names each row's experiment."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
+from xbench.results.compare import compare
 from xbench.results.report import configuration, export_text, in_order, markdown_table
+from xbench.results.store import SCHEMA_VERSION
 
 GRID = {"workload.lengths": ["msmarco", "longtail"], "model_pool.instances.0.packed": [True, False]}
 
@@ -69,3 +73,19 @@ def test_a_grid_over_commands_keeps_its_order_and_names_each_once():
     assert [d["command"] for d in ordered] == commands
     assert [configuration(d) for d in ordered] == ["Tokenizer only · b16 c4", "Inference only · pytorch fp32 · b16 c4",
                                                    "Full pipeline · pytorch fp32 · b16 c4"]
+
+
+def test_compare_matches_a_length_mix_point_for_point(tmp_path: Path):
+    """Four points whose backend, batch, load and workers are equal: each must meet its own
+    counterpart, not whichever was read last."""
+    for run, scale in (("a", 1.0), ("b", 2.0)):
+        folder = tmp_path / run / "11_length_mix" / "20261129-000000"
+        folder.mkdir(parents=True)
+        for i, (lengths, packed) in enumerate((m, p) for m in ("msmarco", "longtail") for p in (True, False)):
+            doc = point("11_length_mix", 32, lengths, packed, GRID)
+            doc["summary"]["pairs_per_s"] = scale * (10 + i)  # B is twice A, point for point
+            doc["schema_version"] = SCHEMA_VERSION
+            (folder / f"point-{i}.json").write_text(json.dumps(doc))
+    rows = compare(tmp_path / "a", tmp_path / "b", threshold=0.15)
+    assert len(rows) == 4 and len({r["point"] for r in rows}) == 4
+    assert all(r["pairs_ratio"] == 2.0 for r in rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from xbench.errors import DataError
-from xbench.results.report import configuration
+from xbench.results.report import configuration, grid_values
 from xbench.results.store import read_results
 
 MATCH_KEYS = ("backend", "precision", "device", "batch", "concurrency", "rate", "tokenizer_workers",
@@ -18,8 +18,11 @@ MATCH_KEYS = ("backend", "precision", "device", "batch", "concurrency", "rate", 
 
 
 def point_key(doc: dict) -> tuple:
+    """What makes two runs' points the same point: the command, the MATCH_KEYS, the workload and
+    the experiment's grid axes (a length-mix run has four points with equal MATCH_KEYS)."""
     p = doc.get("params", {})
-    return (doc.get("command"), *(p.get(k) for k in MATCH_KEYS))
+    axes = tuple(sorted((key, repr(value)) for key, value in grid_values(doc).items()))
+    return (doc.get("command"), *(p.get(k) for k in MATCH_KEYS), p.get("workload"), axes)
 
 
 def _load(path: Path) -> dict[tuple, dict]:
@@ -67,7 +70,8 @@ def compare(a: Path, b: Path, threshold: float) -> list[dict]:
         # apart but the change is under the threshold floor.
         rows[-1]["inconclusive"] = not flagged and not (speed_apart and p99_apart)
     if not rows:
-        raise DataError(f"no point of {a} matches a point of {b} (same command, backend, precision, batch, load, workers)")
+        raise DataError(f"no point of {a} matches a point of {b} (same command, backend, precision, batch, load, workers, "
+                        "workload and grid axes)")
     return rows
 
 

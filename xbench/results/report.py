@@ -53,6 +53,12 @@ def _grid(doc: dict[str, Any]) -> dict[str, list]:
     return doc.get("config", {}).get("experiment", {}).get("grid") or {}
 
 
+def grid_values(doc: dict[str, Any]) -> dict[str, Any]:
+    """The point's value on each axis of its experiment's grid, in the grid's order."""
+    config = doc.get("config", {})
+    return {key: _config_value(config, key) for key in _grid(doc)}
+
+
 def _text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -71,8 +77,7 @@ def configuration(doc: dict[str, Any], drop: str = "", workers: bool = False) ->
                           if axis != drop))
     if "lengths=" in str(p.get("workload", "")):  # a synthetic mix other than msmarco
         parts.append(str(p["workload"]).split("lengths=")[1].rstrip(")"))
-    config = doc.get("config", {})
-    parts += [f"{key.rsplit('.', 1)[-1]}={_text(_config_value(config, key))}" for key in _grid(doc)
+    parts += [f"{key.rsplit('.', 1)[-1]}={_text(value)}" for key, value in grid_values(doc).items()
               if key not in SHOWN_AXES]
     if workers and p.get("tokenizer_workers") is not None and command != "infer-bench":
         parts.append(f"tw{p['tokenizer_workers']}" + ("+par" if p.get("parallelism") else ""))
@@ -95,8 +100,7 @@ def in_order(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def key(doc: dict[str, Any]) -> tuple:
         p, grid = doc.get("params", {}), _grid(doc)
-        axes = [values.index(v) if (v := _config_value(doc.get("config", {}), k)) in values else len(values)
-                for k, values in grid.items()]
+        axes = [grid[k].index(v) if v in grid[k] else len(grid[k]) for k, v in grid_values(doc).items()]
         return (runs.setdefault(str(Path(doc.get("_path", "")).parent), len(runs)), axes,
                 p.get("batch") or 0, p.get("concurrency") or 0, p.get("rate") or 0, doc.get("_path", ""))
 

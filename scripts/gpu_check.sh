@@ -2,8 +2,11 @@
 # GPU check (NVIDIA): fidelity and raw forward rate of the CUDA paths, then, per workload
 # (MS MARCO-shaped and long-tailed), tokenize-bench, infer-bench (batcher + model pool on
 # pre-tokenized pairs) and pipeline-bench (all of it) at batch 128, concurrency 16, ending in
-# pipeline ÷ raw forward. About five minutes on an H100 with the defaults.
-#   scripts/gpu_check.sh [extra overrides]
+# pipeline ÷ raw forward. Each infer/pipeline point costs its start-up, --warmup and at least -d
+# seconds, so the default six paths (26 points) run past one 10-minute device call; the bar's
+# question, model process against the backend in the main process, is 10 points:
+#   GPU_PATHS="pytorch:fp16 pytorch:fp16:thread" GPU_FIDELITY_PATHS=pytorch:fp16 scripts/gpu_check.sh -d 6 --warmup 3
+#   scripts/gpu_check.sh [extra overrides]    (a later -d or --warmup wins over the defaults)
 #   GPU_MODEL=DIR            a local model folder instead of the embedded default
 #   GPU_PATHS="pytorch:fp16 ..."  the paths infer- and pipeline-bench run, backend:precision[:variants],
 #                            variants joined by +: graphs (CUDA graphs), thread (model_pool.mode=thread:

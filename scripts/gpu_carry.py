@@ -1,0 +1,80 @@
+"""What a GPU run needs that the device machine lacks, made here and carried there.
+
+The device image has PyTorch, transformers and tokenizers but no package index, none of
+xbench's own dependencies below, and no embedded default model; a call carries at most 64 MiB.
+So the default model travels with fp16 weights (about 45 MB, restored to fp32 there) and the
+missing packages as wheels for the image's Python 3.12, at the versions installed here.
+
+    python scripts/gpu_carry.py prepare                 # here: .gpu/ and .whl/ (both git-ignored)
+    python3 scripts/gpu_carry.py restore /tmp/model     # there: the model folder, fp32 again
+
+A device call then carries [".gpu", ".whl"] and starts with
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site; python3 scripts/gpu_carry.py restore /tmp/model; export GPU_MODEL=/tmp/model
+before scripts/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL, WHEELS = ROOT / ".gpu" / "model", ROOT / ".whl"
+FP16_WEIGHTS = "model.fp16.safetensors"
+# xbench's dependencies (and theirs) that the device image lacks (device/KINDS.md's package list)
+MISSING = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "starlette", "uvicorn", "pydantic", "pydantic-core",
+           "annotated-types", "typing-inspection")
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (28, 27, 17)] + ["manylinux2014_x86_64"]
+
+
+def prepare() -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from xbench.models import resolve_model
+
+    source = Path(resolve_model("xbench/minilm-l6-seeded").path)
+    shutil.rmtree(MODEL, ignore_errors=True)
+    MODEL.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, MODEL / f.name)
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, MODEL / FP16_WEIGHTS)
+    shutil.rmtree(WHEELS, ignore_errors=True)
+    for name in MISSING:
+        spec = f"{name}=={metadata.version(name)}"
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                              "--python-version", "3.12", "--implementation", "cp",
+                              *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(WHEELS), spec])
+        if got.returncode != 0:  # a source-only package (antlr4's runtime): pure Python, so build its wheel here
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHEELS), spec], check=True)
+    size = sum(f.stat().st_size for d in (MODEL, WHEELS) for f in d.rglob("*") if f.is_file())
+    print(f"{MODEL.relative_to(ROOT)} and {WHEELS.relative_to(ROOT)}: {size / 2**20:.1f} MiB "
+          f"(a device call carries at most 64 MiB with the working tree); weights {torch.float16}")
+
+
+def restore(target: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for f in MODEL.iterdir():
+        if f.name != FP16_WEIGHTS:
+            shutil.copy2(f, target / f.name)
+    weights = load_file(MODEL / FP16_WEIGHTS)
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, target / "model.safetensors")
+    print(f"{target}: the default model, fp16 weights restored to fp32")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    sub.add_parser("prepare", help="here: .gpu/model (fp16 weights) and .whl (wheels the image lacks)")
+    sub.add_parser("restore", help="there: the model folder with fp32 weights").add_argument("target", type=Path)
+    args = parser.parse_args()
+    prepare() if args.step == "prepare" else restore(args.target)

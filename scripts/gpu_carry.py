@@ -8,10 +8,12 @@ missing packages as wheels for the image's Python 3.12, at the versions installe
     python scripts/gpu_carry.py prepare                 # here: .gpu/ and .whl/ (both git-ignored)
     python3 scripts/gpu_carry.py restore /tmp/model     # there: the model folder, fp32 again
 
-A device call then carries [".gpu", ".whl"] and starts with
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site; python3 scripts/gpu_carry.py restore /tmp/model; export GPU_MODEL=/tmp/model
-before scripts/gpu_check.sh.
+A device call then carries [".gpu", ".whl"]; issue #9's bar, for instance, is this command:
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/gpu_carry.py restore \
+      /tmp/model && set -o pipefail && GPU_MODEL=/tmp/model GPU_PATHS="pytorch:fp16 pytorch:fp16:thread" \
+      GPU_FIDELITY_PATHS=pytorch:fp16 scripts/gpu_check.sh -d 6 --warmup 3 2>&1 | tee $OUT/log; cp -r results/gpu $OUT/
+(the repository on PYTHONPATH: scripts/gpu_check.py imports xbench from the checkout).
 """
 
 from __future__ import annotations

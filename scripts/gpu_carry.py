@@ -34,43 +34,50 @@ MISSING = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "starlette", "uv
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (28, 27, 17)] + ["manylinux2014_x86_64"]
 
 
-def prepare() -> None:
-    import torch
+def pack_model(source: Path, dest: Path) -> None:
+    """`source`'s model folder with its float weights at fp16 (half the bytes)."""
     from safetensors.torch import load_file, save_file
 
-    from xbench.models import resolve_model
-
-    source = Path(resolve_model("xbench/minilm-l6-seeded").path)
-    shutil.rmtree(MODEL, ignore_errors=True)
-    MODEL.mkdir(parents=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
     for f in source.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy2(f, MODEL / f.name)
+            shutil.copy2(f, dest / f.name)
     weights = load_file(source / "model.safetensors")
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, MODEL / FP16_WEIGHTS)
-    shutil.rmtree(WHEELS, ignore_errors=True)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, dest / FP16_WEIGHTS)
+
+
+def restore(target: Path, source: Path = MODEL) -> None:
+    """A model folder loadable as it was, its fp16 weights widened back to fp32."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.name != FP16_WEIGHTS:
+            shutil.copy2(f, target / f.name)
+    weights = load_file(source / FP16_WEIGHTS)
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, target / "model.safetensors")
+
+
+def download_wheels(dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
     for name in MISSING:
         spec = f"{name}=={metadata.version(name)}"
         got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                               "--python-version", "3.12", "--implementation", "cp",
-                              *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(WHEELS), spec])
+                              *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), spec])
         if got.returncode != 0:  # a source-only package (antlr4's runtime): pure Python, so build its wheel here
-            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHEELS), spec], check=True)
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec], check=True)
+
+
+def prepare() -> None:
+    from xbench.models import resolve_model
+
+    pack_model(Path(resolve_model("xbench/minilm-l6-seeded").path), MODEL)
+    download_wheels(WHEELS)
     size = sum(f.stat().st_size for d in (MODEL, WHEELS) for f in d.rglob("*") if f.is_file())
     print(f"{MODEL.relative_to(ROOT)} and {WHEELS.relative_to(ROOT)}: {size / 2**20:.1f} MiB "
-          f"(a device call carries at most 64 MiB with the working tree); weights {torch.float16}")
-
-
-def restore(target: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    target.mkdir(parents=True, exist_ok=True)
-    for f in MODEL.iterdir():
-        if f.name != FP16_WEIGHTS:
-            shutil.copy2(f, target / f.name)
-    weights = load_file(MODEL / FP16_WEIGHTS)
-    save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, target / "model.safetensors")
-    print(f"{target}: the default model, fp16 weights restored to fp32")
+          "(a device call carries at most 64 MiB with the working tree)")
 
 
 if __name__ == "__main__":
@@ -79,4 +86,8 @@ if __name__ == "__main__":
     sub.add_parser("prepare", help="here: .gpu/model (fp16 weights) and .whl (wheels the image lacks)")
     sub.add_parser("restore", help="there: the model folder with fp32 weights").add_argument("target", type=Path)
     args = parser.parse_args()
-    prepare() if args.step == "prepare" else restore(args.target)
+    if args.step == "prepare":
+        prepare()
+    else:
+        restore(args.target)
+        print(f"{args.target}: the default model, fp16 weights restored to fp32")

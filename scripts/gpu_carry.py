@@ -65,7 +65,8 @@ def download_wheels(dest: Path) -> None:
         spec = f"{name}=={metadata.version(name)}"
         got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                               "--python-version", "3.12", "--implementation", "cp",
-                              *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), spec])
+                              *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), spec],
+                             capture_output=True, text=True)
         if got.returncode != 0:  # a source-only package (antlr4's runtime): pure Python, so build its wheel here
             subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec], check=True)
 

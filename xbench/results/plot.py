@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from xbench.errors import DataError  # noqa: E402
-from xbench.results.report import configuration, environment_line, experiment_id, in_order, table_cells  # noqa: E402
+from xbench.results.report import (configuration, environment_line, experiment_id, in_order,  # noqa: E402
+                                   spans_experiments, table_cells)
 from xbench.results.store import read_results  # noqa: E402
 
 
@@ -114,7 +115,7 @@ def plot_results(path: Path, out: Path) -> list[Path]:
         written.append(_save(fig, out / "tokenizer_scaling.png"))
 
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(docs) + 1.5))
-    several = len({experiment_id(d) for d in docs}) > 1  # a study: repeats of one point in two experiments
+    several = spans_experiments(docs)
     labels = [(f"{experiment_id(d)}: " if several else "") + configuration(d, workers=True) for d in docs]
     values = [d["summary"]["pairs_per_s"] for d in docs]
     colors = [{"tokenize-bench": "tab:green", "infer-bench": "tab:orange", "pipeline-bench": "tab:blue"}.get(d["command"], "tab:gray")

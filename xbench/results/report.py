@@ -92,6 +92,11 @@ def experiment_id(doc: dict[str, Any]) -> str:
     return Path(doc.get("_path", "")).parent.parent.name
 
 
+def spans_experiments(docs: Sequence[dict[str, Any]]) -> bool:
+    """Points of several experiments (a study), where one point may be measured by two of them."""
+    return len({experiment_id(d) for d in docs}) > 1
+
+
 def in_order(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Points as a table shows them: run by run in the order given, and within a run along the
     experiment's own axes (its grid in the order the experiment lists its values, then batch
@@ -273,7 +278,7 @@ def table_cells(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[st
     """Columns and rows, in table order; a table that spans several experiments (a study) names
     each row's experiment first."""
     docs = in_order(docs)
-    if len({experiment_id(d) for d in docs}) > 1:
+    if spans_experiments(docs):
         return ["Experiment", *COLUMNS], [[experiment_id(d), *row(d)] for d in docs]
     return list(COLUMNS), [row(d) for d in docs]
 

@@ -14,6 +14,9 @@ A device call then carries [".gpu", ".whl"]; issue #9's bar, for instance, is th
       /tmp/model && set -o pipefail && GPU_MODEL=/tmp/model GPU_PATHS="pytorch:fp16 pytorch:fp16:thread" \
       GPU_FIDELITY_PATHS=pytorch:fp16 scripts/gpu_check.sh -d 6 --warmup 3 2>&1 | tee $OUT/log; cp -r results/gpu $OUT/
 (the repository on PYTHONPATH: scripts/gpu_check.py imports xbench from the checkout).
+Rehearsed on the CPU with the image's stack (Python 3.12, torch 2.11.0+cu130, transformers 5.17.0,
+tokenizers 0.23.2, none of the packages above): this install and restore, `gpu_check.py --device
+cpu`, and pipeline-bench with the model process and without it all ran.
 """
 
 from __future__ import annotations

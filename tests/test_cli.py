@@ -94,6 +94,26 @@ def test_bad_input_is_one_line_exit_2_and_no_result_file(tmp_path, tiny_override
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,absent,message", [
+    (["load", "http://127.0.0.1:9", "--generators", "2"], "hdrh", "--generators 2 needs hdrh: pip install 'xbench[ray]'"),
+    (["load", "http://127.0.0.1:9", "--generators", "2", "--ray", "auto"], "ray", "ray: pip install 'xbench[ray]'"),
+    (["serve", "--ray", "local"], "ray", "--ray needs ray: pip install 'xbench[ray]'"),
+    (["sweep", "demo", "--launcher", "joblib"], "hydra_plugins.hydra_joblib_launcher",
+     "--launcher joblib needs hydra_plugins.hydra_joblib_launcher: pip install hydra-joblib-launcher"),
+    (["sweep", "demo", "--launcher", "ray"], "ray", "--launcher ray needs ray: "),
+    (["infer-bench", "-d", "1", "model_pool.instances.0.backend=onnx"], "onnxruntime",
+     "backend 'onnx' needs onnxruntime: pip install 'xbench[onnx]'"),
+])
+def test_a_missing_optional_package_is_one_line_naming_the_option_and_its_install(
+        tmp_path, monkeypatch, tiny_overrides, args, absent, message):
+    monkeypatch.setitem(sys.modules, absent, None)  # as if not installed: find_spec finds nothing, import fails
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*args, *tiny_overrides], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "results").exists()  # failed before anything was measured or written
+
+
 def test_malformed_jsonl_line_is_exit_2(tmp_path, tiny_overrides):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"query": "q", "document": "d"}\n{"query": 3}\n')

@@ -81,6 +81,7 @@ def test_unknown_experiment_and_bad_key_exit_2(tmp_path):
 
 
 def test_joblib_launcher_runs_the_points(tmp_path, tiny_overrides):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[dev]' (.ci/run installs it)")
     proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",
                   "experiment.concurrency_levels=[1]", "--launcher", "joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

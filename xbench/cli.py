@@ -125,7 +125,7 @@ def serve_command(
 ) -> None:
     """Serve the configured model(s) over the Cohere v1/v2 and TEI rerank APIs, with /health, /info, /metrics."""
     from xbench.config import compose_config
-    from xbench.errors import ConfigError
+    from xbench.errors import ConfigError, require
 
     extra = ([f"server.host={host}"] if host else []) + ([f"server.port={port}"] if port is not None else [])
     cfg = compose_config([*(overrides or []), *extra], experiment=experiment)
@@ -140,6 +140,7 @@ def serve_command(
         return
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
         raise ConfigError(f"--replicas {replicas} / --max-replicas {max_replicas}: need 1 <= replicas <= max-replicas")
+    require("--ray", ("ray",), "pip install 'xbench[ray]'")
     from xbench.serve.ray_serve import serve_on_ray
 
     err_console.print(f"xbench serve on Ray ({ray_address}): http://{cfg.server.host}:{cfg.server.port}, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from importlib import metadata
 from functools import lru_cache
 from pathlib import Path
@@ -76,7 +77,11 @@ DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
 
 def _version(module: str) -> str | None:
     """The installed version, from the package's metadata: importing torch, transformers, ONNX
-    Runtime, CTranslate2 and MLX only to read their versions took 3 s of every start."""
+    Runtime, CTranslate2 and MLX only to read their versions took 3 s of every start. A module
+    already imported (torch, for the accelerators) says it itself: PyPI's CUDA build of torch is
+    "2.11.0" in its metadata but "2.11.0+cu130" in its own string, which names the build."""
+    if own := getattr(sys.modules.get(module), "__version__", None):
+        return own
     for dist in DISTRIBUTIONS.get(module, (module,)):
         try:
             return metadata.version(dist)

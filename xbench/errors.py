@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Iterable
 from enum import Enum
 
 
@@ -31,6 +33,26 @@ class DataError(XbenchError):
 
 class BackendUnavailable(ConfigError):
     """A backend whose extra is not installed, or a device that is not present."""
+
+
+def missing_modules(modules: Iterable[str]) -> list[str]:
+    """Those of `modules` (optional dependencies) that are not installed, found without importing them
+    (a dotted name imports its parents)."""
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
+
+    return [m for m in modules if not installed(m)]
+
+
+def require(feature: str, modules: Iterable[str], install: str) -> None:
+    """An optional feature's packages, checked before it starts: one line that names the feature,
+    what is missing and the command that installs it, rather than a traceback from deep inside."""
+    if missing := missing_modules(modules):
+        raise BackendUnavailable(f"{feature} needs {', '.join(missing)}: {install}")
 
 
 class ErrorKind(Enum):

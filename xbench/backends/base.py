@@ -8,13 +8,12 @@ the matrix) without importing torch.compile, ONNX Runtime or MLX.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from xbench.errors import BackendUnavailable, ConfigError
+from xbench.errors import BackendUnavailable, ConfigError, missing_modules, require
 
 
 class Backend(Protocol):
@@ -64,14 +63,13 @@ class BackendSpec:
         return precision in self.precisions and device in self.devices and (allowed is None or device in allowed)
 
     def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return missing_modules(self.requires)
 
     def install_hint(self, missing: list[str]) -> str:
         return f"pip install 'xbench[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
 
     def load_class(self) -> type:
-        if missing := self.missing():
-            raise BackendUnavailable(f"backend {self.name!r} needs {', '.join(missing)}: {self.install_hint(missing)}")
+        require(f"backend {self.name!r}", self.requires, self.install_hint(self.missing()))
         module, cls = self.target.split(":")
         try:
             return getattr(importlib.import_module(module), cls)

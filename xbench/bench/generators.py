@@ -30,7 +30,7 @@ from xbench.bench.http import HttpTarget
 from xbench.bench.load import LoadSpec, StopLoad, generate
 from xbench.bench.stats import (CONFIDENCE, PERCENTILES, Record, even_edges, latency_summary, percentile_interval,
                                 rate_interval, stability_block)
-from xbench.errors import ConfigError
+from xbench.errors import ConfigError, require
 from xbench.workload import Workload
 
 LATENCY_US = (1, 3_600_000_000)  # HdrHistogram range: 1 µs to an hour, 3 significant digits
@@ -177,6 +177,8 @@ class GeneratorFleet:
     """`xbench load` with several generators: the HTTP target's figures, measured by N processes."""
 
     def __init__(self, target: HttpTarget, generators: int, ray_address: str | None = None):
+        # hdrh merges the parts' latencies; checked here, not in the spawned processes (a traceback per process)
+        require(f"--generators {generators}", ("hdrh", "ray") if ray_address else ("hdrh",), "pip install 'xbench[ray]'")
         self.target, self.generators, self.ray_address = target, generators, ray_address
         self.params = {**target.params, "generators": generators, "launcher": "ray" if ray_address else "processes"}
         self.model_info, self.engine, self.url = target.model_info, None, target.url

@@ -28,9 +28,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from xbench.config import compose_config, conf_dir, experiment_names, to_dict, validate
-from xbench.errors import XbenchError
+from xbench.errors import XbenchError, require
 from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename,
                                   read_results, run_id, write_or_keep, write_text)
+
+
+# Launchers whose plugin is a package of its own: what each needs, and the command that installs it.
+LAUNCHER_PACKAGES = {
+    "joblib": (("hydra_plugins.hydra_joblib_launcher",), "pip install hydra-joblib-launcher"),
+    "ray": (("ray",), "pip install 'xbench[ray]'"),
+    **{name: (("hydra_plugins.hydra_submitit_launcher",), "pip install 'xbench[ray]'")
+       for name in ("submitit_local", "submitit_slurm")},
+}
+
 
 def config_key(cfg: DictConfig) -> str:
     """A short hash of everything that defines a point (the composed config but the sweep's own
@@ -185,6 +195,8 @@ def split_sweeps(overrides: list[str]) -> tuple[list[str], int]:
 def run_sweep(name: str, overrides: list[str], force: bool = False, new_run: bool = False,
               data: str | None = None, launcher: str | None = None) -> Path:
     """Run every point of experiment `name`; returns the run folder (which holds results.md)."""
+    if launcher:
+        require(f"--launcher {launcher}", *LAUNCHER_PACKAGES.get(launcher, ((), "")))
     plain, factor = split_sweeps(overrides)
     # Fail fast, naming the bad key; hydra.* settings belong to the launcher, checked by Hydra itself.
     cfg = compose_config([o for o in plain if not o.startswith(("hydra.", "hydra/"))], experiment=name)

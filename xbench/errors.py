@@ -32,7 +32,8 @@ class DataError(XbenchError):
 
 
 class BackendUnavailable(ConfigError):
-    """A backend whose extra is not installed, or a device that is not present."""
+    """An optional package that is not installed (a backend's extra, Ray, a sweep launcher), or a
+    device that is not present."""
 
 
 def missing_modules(modules: Iterable[str]) -> list[str]:

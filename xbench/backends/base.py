@@ -69,7 +69,8 @@ class BackendSpec:
         return f"pip install 'xbench[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
 
     def load_class(self) -> type:
-        require(f"backend {self.name!r}", self.requires, self.install_hint(self.missing()))
+        missing = self.missing()
+        require(f"backend {self.name!r}", missing, self.install_hint(missing))
         module, cls = self.target.split(":")
         try:
             return getattr(importlib.import_module(module), cls)

@@ -45,3 +45,58 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def tiny_overrides(tiny_model: Path) -> list[str]:
     return [f"model_pool.instances.0.name={tiny_model}"]
+
+
+# Qwen2/Qwen3's pre-tokenizer: the split that decides where a byte-level BPE may merge.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<bos>"]
+
+
+def write_bpe_tokenizer(out: Path, vocab_size: int = 1500) -> Path:
+    """A small byte-level BPE with Qwen's pre-tokenizer, normalizer and chat tokens, trained on the
+    synthetic workload's words and the recipes' prompts, so label words ("yes", "no", "0", "1",
+    "Yes") are single tokens as in the real vocabularies; `<bos>` for Gemma's recipe."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from xbench.recipes import KNOWN
+    from xbench.workload import synthetic
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    prompts = [p for r in KNOWN.values() for p in (*r.head, r.query, *r.middle, r.document, *r.tail)]
+    corpus = [f"{q} {d}" for q, d in synthetic(400, seed=5).pairs(400)] + prompts * 20 + ["yes", "no", "Yes", "0", "1"] * 50
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<|im_end|>",
+                                                           "pad_token": "<|endoftext|>",
+                                                           "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+def write_tiny_decoder(out: Path, family: str, seed: int = 0, marker: dict | None = None) -> Path:
+    """A tiny random causal LM of `family` (qwen3, qwen2, gemma) over write_bpe_tokenizer's
+    vocabulary; std 0.3 so the label logits of pairs differ enough to rank."""
+    import torch
+    import transformers
+
+    write_bpe_tokenizer(out)
+    vocab = json.loads((out / "tokenizer.json").read_text())
+    size = len(vocab["model"]["vocab"]) + len(vocab["added_tokens"])
+    common = dict(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, initializer_range=0.3)
+    config = {"qwen3": lambda: transformers.Qwen3Config(**common, tie_word_embeddings=True),
+              "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=False),
+              "gemma": lambda: transformers.GemmaConfig(**common, tie_word_embeddings=True)}[family]()
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    (out / "xbench_model.json").write_text(json.dumps({"relevance_trained": False, "note": "tiny random test model",
+                                                       **(marker or {})}))
+    return out

@@ -167,6 +167,7 @@ def load_command(
     slo: Optional[str] = typer.Option(None, "--slo", help="Find the highest rate meeting a bound, e.g. p99_ms=500."),
     generators: int = typer.Option(1, "--generators", help="Generator processes sharing the load (concurrency or rate split between them), merged into one result."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Run the --generators as Ray actors on this cluster (e.g. auto, ray://head:10001) instead of local processes."),
+    retry_after: bool = typer.Option(True, "--retry-after/--no-retry-after", help="Closed loop: a client that is shed waits the server's Retry-After before its next request (--no-retry-after: count it and send the next at once)."),
 ) -> None:
     """Drive any rerank HTTP endpoint (xbench serve, TEI, Infinity, vLLM, ...) with the same load generator."""
     from xbench.bench.http import HttpTarget
@@ -179,7 +180,8 @@ def load_command(
 
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"URL {url!r} must start with http:// or https://")
-    cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests)])
+    cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests),
+                          *([] if retry_after else ["experiment.honour_retry_after=false"])])
     workload = make_workload(data, cfg)
     target: Any = HttpTarget(url, api, model=model, api_key=api_key)
     if generators < 1:
@@ -198,11 +200,17 @@ def load_command(
     for d in docs:
         if d.get("http_status"):
             console.print(f"[dim]{d['_path']}: HTTP status counts {d['http_status']}[/]")
+        if d.get("summary", {}).get("shed_fraction", 0) > 0.5:
+            console.print(f"[bold yellow]most requests were shed:[/] {d['summary']['shed_fraction']:.0%} answered 429 "
+                          "(the server's admission bound), so these figures describe a server turning load away")
     if slo:
         tried = ", ".join(f"{rate:.3g}{'' if met else ' (missed)'}" for rate, met in search.tried)
         console.print(f"highest rate meeting {slo}: "
                       + (f"{search.best:.3g} requests/s" if search.best else "none of the rates tried")
                       + f" (requests/s tried: {tried})")
+    if docs and not any(d.get("summary", {}).get("requests") for d in docs):
+        err_console.print("[bold red]error:[/] no request succeeded; see the HTTP status counts above")
+        raise typer.Exit(1)
 
 
 @app.command("sweep")

@@ -66,6 +66,17 @@ class ModelInstanceConfig:
     # forward gains 1.2-1.7x, but the pipeline gained only on long-tailed pairs (README, "The
     # changes measured"); scripts/gpu_check.sh measures both.
     cuda_graphs: Optional[bool] = None
+    # How a pair becomes a score (xbench/recipes.py): auto (from the checkpoint, its xbench
+    # marker and the known hub ids), classifier, qwen3-reranker, mxbai-rerank-v2,
+    # bge-reranker-gemma, or yes-no (a causal LM read at `label_tokens` after `template`).
+    # A checkpoint whose head would be drawn at random is refused, naming this key.
+    scoring: str = "auto"
+    # The instruction of recipes that take one (qwen3-reranker); null: the recipe's default.
+    instruction: Optional[str] = None
+    # scoring=yes-no: the prompt, holding {query} before {document} (and maybe {instruction}) ...
+    template: Optional[str] = None
+    # ... and the label tokens read at its last position: [negative, positive] or [positive].
+    label_tokens: Optional[List[str]] = None
 
 
 @dataclass
@@ -124,8 +135,10 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_client_batch_size: int = 1000
     max_concurrent_requests: int = 512
-    # Answer 429 (Retry-After from the estimate) when the queued work would keep a new request
-    # waiting longer than this: queued tokens / the measured scoring rate. 0: no bound.
+    # Answer 429 (Retry-After from the estimate) when arrivals outrun the server: the queued work
+    # (queued tokens / the measured scoring rate) would keep a new request waiting longer than
+    # this, and admitting it would raise the requests in flight above the level the server has
+    # been carrying (a closed loop of clients is never shed; serve/admission.py). 0: no bound.
     max_queue_wait_ms: float = 2000.0
     max_body_bytes: int = 8 * 1024 * 1024
     # A query is paired with every document: past this many characters it is a 413.
@@ -161,6 +174,9 @@ class ExperimentConfig:
     requests: Optional[int] = None
     # Open loop: Poisson arrivals at this many requests/s instead of closed-loop clients.
     rate: Optional[float] = None
+    # Closed loop: a client that is shed (429/503 with Retry-After) waits that long before its
+    # next request, as real clients do; false counts the answer and sends the next at once.
+    honour_retry_after: bool = True
     seed: int = 0
     num_pairs: int = 4096
 
@@ -256,6 +272,7 @@ BENCH_COMMANDS = ("tokenize-bench", "infer-bench", "pipeline-bench")
 def validate(cfg: DictConfig) -> None:
     """Check what types cannot: names against their registries, sizes against zero."""
     from xbench.backends import check_instance  # the registry knows backends and devices
+    from xbench.recipes import check_scoring
 
     def positive(key: str, value: Any) -> None:
         if value is None or value <= 0:
@@ -266,6 +283,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model_pool.instances is empty: give at least one model instance")
     for i, inst in enumerate(pool.instances):
         check_instance(inst, key=f"model_pool.instances.{i}")
+        check_scoring(inst, key=f"model_pool.instances.{i}")
         positive(f"model_pool.instances.{i}.max_length", inst.max_length)
     if pool.workers is not None:
         positive("model_pool.workers", pool.workers)

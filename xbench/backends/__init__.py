@@ -7,6 +7,7 @@ from xbench.backends.base import (
     BackendSpec,
     available_devices,
     check_instance,
+    check_recipe,
     create_backend,
     normalize,
     register,
@@ -23,6 +24,7 @@ register(BackendSpec(
     limits=(("int8", ("cpu",)), ("int4", ("cpu",))),
     packs=True,
     graphs=True,
+    reads_labels=True,
 ))
 register(BackendSpec(
     name="compiled",
@@ -66,5 +68,5 @@ register(BackendSpec(
 
 __all__ = [
     "PRECISIONS", "REGISTRY", "Backend", "BackendSpec", "available_devices", "check_instance",
-    "create_backend", "normalize", "register",
+    "check_recipe", "create_backend", "normalize", "register",
 ]

@@ -57,6 +57,7 @@ class BackendSpec:
     limits: tuple[tuple[str, tuple[str, ...]], ...] = ()
     packs: bool = False  # can run packed (unpadded) batches: takes `packed`
     graphs: bool = False  # can replay its CUDA forward as CUDA graphs: takes `cuda_graphs`
+    reads_labels: bool = False  # can score LLM rerankers from label logits: takes `label_ids`
 
     def supports(self, precision: str, device: str) -> bool:
         allowed = dict(self.limits).get(precision)
@@ -145,11 +146,24 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
         raise ConfigError(f"{key}.device={device!r} is not present on this machine; available: {', '.join(available_devices())}")
 
 
-def create_backend(inst: Any, model_dir: str, threads: int) -> Backend:
+def check_recipe(inst: Any, recipe: Any, key: str = "model_pool.instances.0") -> None:
+    """Before anything loads: a backend that cannot run the model's recipe is refused by name."""
+    backend, _ = normalize(inst.backend, inst.device)
+    spec = REGISTRY[backend]
+    if not recipe.is_classifier and not spec.reads_labels:
+        able = ", ".join(n for n, s in REGISTRY.items() if s.reads_labels)
+        raise ConfigError(f"{key}.backend={backend!r} runs cross-encoder classifiers only; the model's recipe "
+                          f"{recipe.name} (an LLM reranker read at its label tokens) runs on {able}")
+
+
+def create_backend(inst: Any, model_dir: str, threads: int, label_ids: tuple[int, ...] | None = None) -> Backend:
+    """A backend for one worker; `label_ids` (an LLM reranker's label tokens) only where it reads them."""
     backend, device = normalize(inst.backend, inst.device)
     spec = REGISTRY[backend]
     cls = spec.load_class()
-    options = {"packed": getattr(inst, "packed", None)} if spec.packs else {}
+    options: dict[str, Any] = {"packed": getattr(inst, "packed", None)} if spec.packs else {}
+    if label_ids:
+        options["label_ids"] = tuple(label_ids)
     if spec.graphs:
         options["cuda_graphs"] = getattr(inst, "cuda_graphs", None)
     return cls(model_dir=model_dir, device=device, precision=inst.quantization, threads=threads,

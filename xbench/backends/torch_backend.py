@@ -11,15 +11,17 @@ import numpy as np
 import torch
 
 from xbench.backends.base import relevance
+from xbench.backends.decoder import LabelScorer, load_causal_lm
 from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs
 from xbench.layout import pad, unpad
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Layers kept in fp32 under int8 and int4: the last encoder layer, the pooler and the 1-logit
-# head feed the score directly, and their rounding error is not averaged away by any later layer.
-# Measured on the default model (256 pairs): quantizing every Linear but the head gives
-# Spearman 0.946; keeping the last layer too gives 0.955 at the same speed.
-KEEP_FP32 = ("pooler", "classifier")
+# Layers kept in fp32 under int8 and int4: the last layer and every head feed the score directly,
+# and their rounding error is not averaged away by any later layer. Measured on the default model
+# (256 pairs): quantizing every Linear but the head gives Spearman 0.946; keeping the last layer
+# too gives 0.955 at the same speed. Module names across families: BERT, RoBERTa, ELECTRA
+# (`pooler`, `classifier`), ModernBERT (`head`, `classifier`), decoders (`score`, `lm_head`).
+KEEP_FP32 = ("pooler", "classifier", "score", "head.", "lm_head")
 INT4_GROUP = 32  # weights per int4 scale/zero pair, along the input dimension
 
 
@@ -53,10 +55,12 @@ def accepted_inputs(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def quantizable_linears(model: torch.nn.Module) -> list[str]:
-    """Names of the Linear layers a quantizer may touch (all but KEEP_FP32 and the last layer)."""
-    keep = (*KEEP_FP32, f"layer.{model.config.num_hidden_layers - 1}.")
+    """Names of the Linear layers a quantizer may touch (all but KEEP_FP32 and the last layer,
+    named `layer.N.` in BERT's family and `layers.N.` in ModernBERT's and the decoders')."""
+    last = model.config.num_hidden_layers - 1
+    keep = (*KEEP_FP32, f"layer.{last}.", f"layers.{last}.")
     return [name for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and not any(k in name for k in keep)]
+            if isinstance(mod, torch.nn.Linear) and not any(name.startswith(k) or f".{k}" in name for k in keep)]
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -117,14 +121,22 @@ class TorchBackend:
     engine = "torch-eager"
 
     def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False,
-                 packed: bool | None = None, cuda_graphs: bool | None = None):
+                 packed: bool | None = None, cuda_graphs: bool | None = None, label_ids: tuple[int, ...] | None = None):
         # Called on the worker's own thread: set_num_threads sets that thread's intra-op pool.
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.precision = precision
         self.threads = threads
-        model = load_torch_model(model_dir, trust_remote_code)
-        self.input_names = accepted_inputs(model)
+        if label_ids:  # an LLM reranker: the label rows of its LM head at the last token (decoder.py)
+            if packed:
+                raise ValueError("packed=true: packed execution runs encoders (BERT, RoBERTa, ELECTRA, DistilBERT); "
+                                 "an LLM reranker runs padded")
+            model = LabelScorer(load_causal_lm(model_dir, trust_remote_code), label_ids)
+            self.input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+            packed = False
+        else:
+            model = load_torch_model(model_dir, trust_remote_code)
+            self.input_names = accepted_inputs(model)
         self.packed = PackedEncoder.supports(model) if packed is None else packed
         if self.packed:
             model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
@@ -166,7 +178,8 @@ class TorchBackend:
         if self.packed:
             return self.forward_packed(*unpad(input_ids, attention_mask, token_type_ids))
         with torch.inference_mode(), torch.cuda.stream(self.stream):  # the stream: a no-op off CUDA
-            logits = self.model(**self._inputs(input_ids, attention_mask, token_type_ids)).logits
+            out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
+            logits = out if isinstance(out, torch.Tensor) else out.logits
             return relevance(logits.float().cpu().numpy())
 
     def forward_packed(self, flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> np.ndarray:

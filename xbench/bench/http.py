@@ -11,11 +11,13 @@ of its answer (xbench serve's own dialects are three of them):
   vllm       /rerank     {model, query, documents}           -> {results: [...]}
   vllm-score /score      {model, text_1, text_2: [docs]}     -> {data: [{index, score}]}
 
-A URL with a path overrides the API's path. Before any load, one request checks the endpoint: a
-404/405, a 401/403, a refused body or an answer of the wrong shape stops with one line naming
-what was tried and what to try instead (exit 2). During the load, 50 requests in a row that are
+A URL with a path overrides the API's path. Before any load, one request checks the endpoint:
+any answer but a 2xx of the right shape stops with one line naming what was tried and what to
+try instead (exit 2), except the answers of a busy server that say to come back (408, 429, and
+503 with Retry-After), which are load to measure. During the load, 50 requests in a row that are
 refused as wrong (4xx other than 408 and 429) or cut off stop it the same way instead of
-hammering the server; 429s, 5xx and timeouts are measured, not stopped on.
+hammering the server; 429s, 5xx and timeouts are measured, not stopped on. A shed answer's
+Retry-After travels with its record, so closed-loop clients can wait it out.
 """
 
 from __future__ import annotations
@@ -34,6 +36,26 @@ from xbench.workload import Workload
 TIMING_HEADERS = {"queue": "x-queue-time", "tokenize": "x-tokenization-time", "infer": "x-inference-time"}
 STOP_AFTER_WRONG = 50  # answers in a row saying the request is wrong
 WRONG_REQUEST = frozenset(range(400, 500)) - {408, 429}
+
+
+def excerpt(response: httpx.Response, chars: int = 160) -> str:
+    """The start of an answer's body on one line (an HTML error page included)."""
+    return " ".join(response.text.split())[:chars]
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """Seconds a 429/503 asks the client to wait (the delta-seconds form; an HTTP date is ignored)."""
+    if response.status_code not in (429, 503):
+        return None
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def busy(response: httpx.Response) -> bool:
+    """A server that is up but asks to be tried again: measured, not a wrong endpoint."""
+    return response.status_code in (408, 429) or (response.status_code == 503 and retry_after_s(response) is not None)
 
 
 def _results_shape(body: Any, n: int) -> bool:
@@ -164,7 +186,9 @@ class HttpTarget:
             hint = "" if self.model else "; some servers need --model NAME"
             raise ConfigError(f"{r.status_code} at {path}: the server refused the {self.api.name} body: "
                               f"{r.text[:160]}{hint}")
-        if r.status_code == 200:
+        if not r.is_success and not busy(r):
+            raise ConfigError(f"{r.status_code} at {path}: the {tried} failed before any load: {excerpt(r)}")
+        if r.is_success:
             try:
                 body = r.json()
             except ValueError:
@@ -204,7 +228,8 @@ class HttpTarget:
                 raise
             if r.status_code != 200:
                 self._count_wrong(f"HTTP {r.status_code} ({r.text[:120]})" if r.status_code in WRONG_REQUEST else None)
-                return Sent(pairs=0, status=r.status_code, ok=False, error=f"HTTP {r.status_code}: {r.text[:120]}")
+                return Sent(pairs=0, status=r.status_code, ok=False, error=f"HTTP {r.status_code}: {r.text[:120]}",
+                            retry_after_s=retry_after_s(r))
             self._wrong_in_a_row = 0
             stages = {k: float(r.headers[h]) / 1000.0 for k, h in TIMING_HEADERS.items() if h in r.headers}
             tokens = int(r.headers.get("x-compute-tokens", 0) or 0)

@@ -29,6 +29,9 @@ from xbench.bench.stats import Record, even_edges, spread, stability_block, summ
 from xbench.errors import XbenchError
 
 
+MAX_BACK_OFF_S = 60.0  # a Retry-After longer than this is cut short (measuring N requests)
+
+
 class StopLoad(XbenchError):
     """Raised by a target's send when measuring on is pointless (every request is refused as
     wrong): the load stops at once and the run ends with this message."""
@@ -44,6 +47,7 @@ class Sent:
     tokens: int = 0
     ok: bool = True
     error: str | None = None
+    retry_after_s: float | None = None  # the server shed it and said when to come back
 
 
 @dataclass
@@ -59,6 +63,9 @@ class LoadSpec:
     max_duration_s: float | None = None  # measuring ends here, converged or not; None: 3 x duration_s
     seed: int = 0
     drain_timeout_s: float = 120.0  # open loop: how long in-flight requests may finish
+    # Closed loop: a client that is shed waits the server's Retry-After before its next request,
+    # as real clients (and the Cohere SDK) do; False counts the 429 and sends the next at once.
+    honour_retry_after: bool = True
 
     @property
     def time_limit_s(self) -> float:
@@ -148,7 +155,13 @@ async def _timed(send: Send, i: int, start: float) -> Record:
     except Exception as exc:  # a failed request is a result, never the end of the run
         return Record(start, time.perf_counter(), 0, ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
     return Record(start, time.perf_counter(), sent.pairs, ok=sent.ok, stages_s=sent.stages_s,
-                  status=sent.status, error=sent.error, tokens=sent.tokens)
+                  status=sent.status, error=sent.error, tokens=sent.tokens, retry_after_s=sent.retry_after_s)
+
+
+async def _back_off(rec: Record, spec: LoadSpec, until: float) -> None:
+    """A closed-loop client told to come back later waits (never past the run's end)."""
+    if spec.honour_retry_after and rec.retry_after_s:
+        await asyncio.sleep(max(0.0, min(rec.retry_after_s, until - time.perf_counter())))
 
 
 async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None,
@@ -191,6 +204,7 @@ async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, si
             records.append(rec)
             if rec.end >= measure_from:
                 windows.add(rec)
+            await _back_off(rec, spec, measure_from + spec.time_limit_s)
 
     async def time_limit() -> None:
         await asyncio.sleep(max(0.0, measure_from + spec.time_limit_s - time.perf_counter()))
@@ -205,7 +219,8 @@ async def _closed_loop(send: Send, spec: LoadSpec, progress: Progress | None, si
     stats = summarize(records, windows.edges)
     stats["stability"] = {**stats["stability"], **windows.verdict()}
     stats["load"] = {"mode": "closed", "concurrency": spec.concurrency, "warmup_s": spec.warmup_s,
-                     "duration_s": spec.duration_s, "measured_s": windows.edges[-1] - measure_from}
+                     "duration_s": spec.duration_s, "measured_s": windows.edges[-1] - measure_from,
+                     "honour_retry_after": spec.honour_retry_after}
     return stats, [r for r in records if measure_from <= r.end <= windows.edges[-1]]
 
 
@@ -230,6 +245,7 @@ async def _closed_loop_requests(send: Send, spec: LoadSpec, progress: Progress |
             (measured if counted else warmup).append(rec)
             if counted and progress:
                 progress(min(0.99, len(measured) / spec.requests))
+            await _back_off(rec, spec, rec.end + MAX_BACK_OFF_S)
 
     await asyncio.gather(*(client() for _ in range(spec.concurrency)))
     sink.extend(warmup + measured)
@@ -237,7 +253,7 @@ async def _closed_loop_requests(send: Send, spec: LoadSpec, progress: Progress |
     t1 = max(r.end for r in measured)
     stats = summarize(measured, even_edges(t0, t1, spec.windows))
     stats["load"] = {"mode": "closed", "concurrency": spec.concurrency, "warmup_s": spec.warmup_s,
-                     "requests": spec.requests, "measured_s": t1 - t0}
+                     "requests": spec.requests, "measured_s": t1 - t0, "honour_retry_after": spec.honour_retry_after}
     return stats, measured
 
 

@@ -24,7 +24,7 @@ from xbench.core.model_pool import TokenCounts
 from xbench.core.pipeline import Pipeline
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import TokenizerPool
-from xbench.models import ResolvedModel, effective_max_length, resolve_model
+from xbench.models import ResolvedModel, effective_max_length, resolve_instance
 from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename, run_id,
                                   write_or_keep)
 from xbench.workload import Workload, char_profile, length_profile
@@ -37,10 +37,11 @@ class TokenizeTarget:
 
     def __init__(self, cfg: DictConfig):
         inst = cfg.model_pool.instances[0]
-        self.model = resolve_model(inst.name, inst.trust_remote_code)
+        self.model = resolve_instance(inst)
         tp = cfg.tokenizer_pool
         max_length = effective_max_length(self.model, inst.max_length)
-        self.pool = TokenizerPool.for_model(self.model.path, max_length, tp, normalize(inst.backend, inst.device)[1])
+        self.pool = TokenizerPool.for_model(self.model.path, max_length, tp, normalize(inst.backend, inst.device)[1],
+                                            self.model.recipe)
         self.pool.warmup()
         self.model_info = model_info(self.model)
         self.params = {"tokenizer_workers": self.pool.workers, "parallelism": bool(tp.parallelism),
@@ -135,7 +136,8 @@ def load_spec(cfg: DictConfig, concurrency: int) -> LoadSpec:
     e = cfg.experiment
     return LoadSpec(concurrency=concurrency, rate=e.rate, duration_s=e.duration_s, warmup_s=e.warmup_s,
                     requests=e.requests, windows=e.windows, min_window_requests=e.min_requests_per_window,
-                    stability_pct=e.stability_pct, max_duration_s=e.max_duration_s, seed=e.seed)
+                    stability_pct=e.stability_pct, max_duration_s=e.max_duration_s, seed=e.seed,
+                    honour_retry_after=e.honour_retry_after)
 
 
 def grid(cfg: DictConfig) -> list[tuple[int, int]]:

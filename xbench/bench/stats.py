@@ -30,6 +30,7 @@ class Record:
     status: int | None = None  # HTTP status, for `load`
     error: str | None = None
     tokens: int = 0
+    retry_after_s: float | None = None  # a shed answer's Retry-After
 
     @property
     def latency_s(self) -> float:
@@ -140,6 +141,7 @@ def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
     stage_names = sorted({k for r in ok for k in r.stages_s})
     rates = window_rates([r.end for r in ok], [r.pairs for r in ok], edges)
     statuses = Counter(str(r.status) for r in measured if r.status is not None)
+    shed = statuses.get("429", 0)
     errors = Counter(r.error for r in measured if not r.ok and r.error)
     return {
         "summary": {
@@ -150,6 +152,7 @@ def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
             "requests_per_s": len(ok) / duration,
             "pairs_per_s": pairs / duration,
             "tokens_per_s": sum(r.tokens for r in ok) / duration,
+            **({"shed": shed, "shed_fraction": shed / len(measured) if measured else 0.0} if statuses else {}),
         },
         "latency_ms": latency_summary([r.latency_s for r in ok]),
         "stages_ms": {s: latency_summary([r.stages_s[s] for r in ok if s in r.stages_s]) for s in stage_names},

@@ -5,14 +5,18 @@ scored, in tokens, over the rate its model pool scores tokens at.
 counts a 1-document request like a 1,000-document one). A job adds its tokens when it is
 submitted, estimated from its characters until the tokenizer has counted them, and takes them
 away as its rows are scored, or all at once when it fails or is cancelled. The rate is measured
-on the batches the model pool runs (an exponential average of real tokens per second of forward
-time, times the workers), seeded from the calibrated cost model, so it follows the backend,
-the length mix and whatever else the machine is doing.
+on the batches the model pool runs, seeded from the calibrated cost model: while work is waiting,
+the real tokens each batch finishes over the wall time since the batch before it finished (so
+tokenizing, batching, the server and whatever else shares the machine count, not the forward
+pass alone: on 2 cores, forward time alone promised twice the rate the server delivered), and
+after an idle spell a batch's forward time spread over the workers. Both are exponential
+averages, so the rate follows the backend, the length mix and the machine's load.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from xbench.core.cost_model import CostModel
 
@@ -28,6 +32,8 @@ class Backlog:
         self._tokens = 0.0
         self._tokens_per_s = 0.0
         self._tokens_per_char = TOKENS_PER_CHAR
+        self._last_batch_end: float | None = None
+        self._busy = False  # work was waiting when the last batch ended
         if cost is not None:
             self.seed(cost)
 
@@ -53,11 +59,15 @@ class Backlog:
                 self._tokens_per_char += RATE_SMOOTHING * (tokens / chars - self._tokens_per_char)
 
     # -- what the model pool reports ----------------------------------------------------------
-    def observe_batch(self, real_tokens: int, seconds: float) -> None:
-        if seconds <= 0 or real_tokens <= 0:
-            return
-        rate = real_tokens / seconds * self.workers
+    def observe_batch(self, real_tokens: int, seconds: float, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
         with self._lock:
+            span = now - self._last_batch_end if self._busy and self._last_batch_end is not None else seconds / self.workers
+            self._last_batch_end = now
+            self._busy = self._tokens > real_tokens
+            if span <= 0 or real_tokens <= 0:
+                return
+            rate = real_tokens / span
             self._tokens_per_s = rate if not self._tokens_per_s else (
                 self._tokens_per_s + RATE_SMOOTHING * (rate - self._tokens_per_s))
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig
 
-from xbench.backends import Backend, create_backend, normalize
+from xbench.backends import Backend, check_recipe, create_backend, normalize
 from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.backlog import Backlog
@@ -27,7 +27,7 @@ from xbench.core.model_pool import BackendFactory, ModelPool, default_mode, defa
 from xbench.core.request import RerankJob, RerankResult
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool
 from xbench.errors import InputTooLong
-from xbench.models import ResolvedModel, cache_dir, effective_max_length, resolve_model
+from xbench.models import ResolvedModel, cache_dir, effective_max_length, resolve_instance
 
 WARMUP_SHAPES = ((1, 16), (8, 64), (32, 128))
 
@@ -62,14 +62,19 @@ class Pipeline:
                     observe_batch: Callable[[ModelBatch, float], None] | None = None) -> "Pipeline":
         """The pipeline of model instance `instance_index` of a composed config."""
         inst = cfg.model_pool.instances[instance_index]
-        model = resolve_model(inst.name, inst.trust_remote_code)
+        key = f"model_pool.instances.{instance_index}"
+        model = resolve_instance(inst, key)
+        check_recipe(inst, model.recipe, key)
         backend, device = normalize(inst.backend, inst.device)
         tokenizers = TokenizerPool.for_model(model.path, effective_max_length(model, inst.max_length),
-                                             cfg.tokenizer_pool, device)
+                                             cfg.tokenizer_pool, device, model.recipe)
         mode = str(cfg.model_pool.mode)
-        factory = functools.partial(create_backend, inst, str(model.path))  # picklable: process mode sends it
+        labels = tokenizers.template.label_ids if tokenizers.template else None
+        # picklable: process mode sends it
+        factory = functools.partial(create_backend, inst, str(model.path), label_ids=labels)
         return cls(model, tokenizers, cfg.batching, factory,
-                   {"backend": backend, "device": device, "precision": inst.quantization},
+                   {"backend": backend, "device": device, "precision": inst.quantization,
+                    "recipe": model.recipe.name},
                    cfg.model_pool.workers or default_workers(device), cfg.model_pool.threads_per_worker, observe_batch,
                    default_mode(device) if mode == "auto" else mode)
 

@@ -29,7 +29,9 @@ from tokenizers.normalizers import BertNormalizer
 
 from xbench.core.processes import WorkerProcesses
 from xbench.env import usable_cores
+from xbench.errors import ConfigError
 from xbench.layout import run_positions
+from xbench.recipes import Recipe
 
 Pair = tuple[str, str]
 
@@ -280,7 +282,80 @@ class PairLayout:
         return Encoded(ids, types, lengths, truncated=int((keep < doc_len).sum()))
 
 
-def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | None = None) -> Encoded:
+@dataclass(frozen=True)
+class TemplateLayout:
+    """A label-logits recipe's prompt as token ids (recipes.py): the fixed pieces tokenized once
+    here, the query side once per request and each document once, joined in numpy by a
+    PairLayout whose head, middle and tail are the prompt's fixed pieces. The label tokens are
+    checked here, against the model's own tokenizer."""
+
+    recipe: Recipe
+    layout: PairLayout
+    label_ids: tuple[int, ...]
+    query_budget: int  # query-side tokens kept: three quarters of what the prompt leaves
+
+    @classmethod
+    def build(cls, recipe: Recipe, tok: Tokenizer, bos_token: str | None) -> "TemplateLayout":
+        def ids(texts: tuple[str, ...]) -> np.ndarray:
+            out = [i for t in texts for i in tok.encode(t, add_special_tokens=False).ids]
+            return np.asarray(out, dtype=np.int32)
+
+        labels = {label: tok.encode(label, add_special_tokens=False).ids for label in recipe.labels}
+        if bad := {label: got for label, got in labels.items() if len(got) != 1}:
+            named = ", ".join(f"{label!r} is {len(got)} tokens" for label, got in bad.items())
+            raise ConfigError(f"recipe {recipe.name}: its label tokens must each be one token of the model's "
+                              f"tokenizer; {named}")
+        head = ids(recipe.head)
+        if recipe.bos:
+            bos = tok.token_to_id(bos_token) if bos_token else None
+            if bos is None:
+                raise ConfigError(f"recipe {recipe.name} starts with the tokenizer's BOS token, and this tokenizer "
+                                  f"names none (bos_token in tokenizer_config.json)")
+            head = np.concatenate([np.asarray([bos], dtype=np.int32), head])
+        middle, tail = ids(recipe.middle), ids(recipe.tail)
+        layout = PairLayout((head, np.zeros_like(head)), (middle, np.zeros_like(middle)), (tail, np.zeros_like(tail)),
+                            0, 0)  # a decoder has one token type
+        budget = int(tok.truncation["max_length"]) - layout.specials if tok.truncation else 0
+        if budget < 8:
+            raise ConfigError(f"recipe {recipe.name}: its prompt takes {layout.specials} tokens, leaving {budget} "
+                              f"of max_length for the query and document; raise max_length")
+        return cls(recipe, layout, tuple(got[0] for got in labels.values()), budget * 3 // 4)
+
+    def encode(self, tokenizer: "TextTokenizer", pairs: list[Pair]) -> Encoded:
+        """Pairs in the prompt, each distinct query side tokenized once, documents cut to fit."""
+        t0 = time.perf_counter()
+        if not pairs:
+            return Encoded.from_pairs([], [])
+        limit, direction = tokenizer.full.truncation["max_length"], tokenizer.full.truncation["direction"]
+        budget = limit - self.layout.specials
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        query_ids = {q: np.asarray(e.ids[:self.query_budget], dtype=np.int32) for q, e in
+                     zip(queries, tokenizer.full.encode_batch_fast([self.recipe.query_text(q) for q in queries],
+                                                                   add_special_tokens=False))}
+        documents = tokenizer.encode_ids([self.recipe.document_text(d) for _, d in pairs])
+        by_query: dict[str, list[int]] = {}
+        for i, (q, _) in enumerate(pairs):
+            by_query.setdefault(q, []).append(i)
+        groups = [self.layout.join(query_ids[q], [documents[i] for i in rows], budget, direction)
+                  for q, rows in by_query.items()]
+        if len(groups) == 1:
+            return dataclasses.replace(groups[0], tokenize_s=time.perf_counter() - t0)
+        together = Encoded(np.concatenate([g.flat_ids for g in groups]), np.concatenate([g.flat_types for g in groups]),
+                           np.concatenate([g.lengths for g in groups]), truncated=sum(g.truncated for g in groups))
+        in_pair_order = together.take(np.argsort(np.concatenate(list(by_query.values())), kind="stable"))
+        return dataclasses.replace(in_pair_order, tokenize_s=time.perf_counter() - t0)
+
+
+def bos_token(model_dir: Path) -> str | None:
+    """The BOS token a tokenizer_config.json names, if any."""
+    import json
+
+    path = Path(model_dir) / "tokenizer_config.json"
+    token = json.loads(path.read_text()).get("bos_token") if path.is_file() else None
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | TemplateLayout | None = None) -> Encoded:
     """Pairs as the tokenizer would encode them, each distinct query tokenized once.
 
     Encoding (query, document) pairs directly re-tokenizes the query for every document: a 25 KB
@@ -292,7 +367,10 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
     pair, from texts the tokenizer already cut at max_length. The one case where that pre-cut
     would change the result is two texts both over the limit: "longest first" then gives the
     odd leftover token to the longer one, so the document is cut one token shorter than the
-    query when the query is truly longer (tests compare every case with plain pair encoding)."""
+    query when the query is truly longer (tests compare every case with plain pair encoding).
+    A TemplateLayout (an LLM reranker's prompt) encodes the pairs its own way."""
+    if isinstance(layout, TemplateLayout):
+        return layout.encode(tokenizer, pairs)
     t0 = time.perf_counter()
     if not pairs:
         return Encoded.from_pairs([], [])
@@ -338,11 +416,11 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | No
 
 # Per-process state of `mode: process` workers: the JSON, the layout, a tokenizer per direction.
 _process_json = ""
-_process_layout: PairLayout | None = None
+_process_layout: PairLayout | TemplateLayout | None = None
 _process_tokenizers: dict[str, TextTokenizer] = {}
 
 
-def _process_init(tokenizer_json: str, parallelism: bool, layout: PairLayout | None) -> None:
+def _process_init(tokenizer_json: str, parallelism: bool, layout: PairLayout | TemplateLayout | None) -> None:
     global _process_json, _process_layout
     set_parallelism(parallelism)
     _process_json, _process_layout = tokenizer_json, layout
@@ -363,7 +441,8 @@ def default_workers(device: str) -> int:
 
 
 class TokenizerPool:
-    def __init__(self, tokenizer_json: str, workers: int = 1, parallelism: bool = True, mode: str = "thread"):
+    def __init__(self, tokenizer_json: str, workers: int = 1, parallelism: bool = True, mode: str = "thread",
+                 template: TemplateLayout | None = None):
         self.workers = workers
         self.parallelism = parallelism
         self.mode = mode
@@ -371,7 +450,8 @@ class TokenizerPool:
         set_parallelism(parallelism)  # before this process's first encode
         probe = build_tokenizer(tokenizer_json)
         self.max_length = int(probe.truncation["max_length"])
-        self.layout = PairLayout.learn(probe)  # learned once; worker processes receive it
+        # Learned once; worker processes receive it. A prompt template takes its place.
+        self.layout: PairLayout | TemplateLayout | None = template or PairLayout.learn(probe)
         self._local = threading.local()
         self._executor: Executor
         if mode == "process":
@@ -381,15 +461,25 @@ class TokenizerPool:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="xbench-tokenizer")
 
     @classmethod
-    def for_model(cls, model_dir: Path, max_length: int, cfg: Any, device: str = "cpu") -> "TokenizerPool":
+    def for_model(cls, model_dir: Path, max_length: int, cfg: Any, device: str = "cpu",
+                  recipe: Recipe | None = None) -> "TokenizerPool":
         """The pool a `tokenizer_pool` config asks for, over the model's tokenizer, for a model on
         `device` (mode auto: processes beside a CUDA model, whose worker needs the GIL to launch
-        kernels; threads beside a CPU model, which has the cores to itself)."""
+        kernels; threads beside a CPU model, which has the cores to itself), in the prompt of a
+        label-logits `recipe`."""
         mode = str(cfg.mode)
         if mode == "auto":
             mode = "process" if str(device).startswith("cuda") else "thread"
-        return cls(load_tokenizer(model_dir, max_length), workers=cfg.workers or default_workers(device),
-                   parallelism=cfg.parallelism, mode=mode)
+        tokenizer_json = load_tokenizer(model_dir, max_length)
+        template = None
+        if recipe is not None and not recipe.is_classifier:
+            template = TemplateLayout.build(recipe, build_tokenizer(tokenizer_json), bos_token(model_dir))
+        return cls(tokenizer_json, workers=cfg.workers or default_workers(device), parallelism=cfg.parallelism,
+                   mode=mode, template=template)
+
+    @property
+    def template(self) -> TemplateLayout | None:
+        return self.layout if isinstance(self.layout, TemplateLayout) else None
 
     def _thread_tokenizer(self, direction: str) -> TextTokenizer:
         toks = getattr(self._local, "toks", None)

@@ -72,6 +72,9 @@ def configuration(doc: dict[str, Any], drop: str = "", workers: bool = False) ->
     parts = [KIND.get(command, command or "?")]
     if command != "tokenize-bench" and p.get("backend"):
         parts.append(f"{p['backend']} {p.get('precision', '')}".strip())
+    recipe = doc.get("model", {}).get("scoring", {}).get("recipe")
+    if recipe and recipe != "classifier":  # an LLM reranker: the recipe is part of what ran
+        parts.append(recipe)
     load = f"rate {p['rate']:g}/s" if p.get("rate") else f"c{p.get('concurrency')}"
     parts.append(" ".join(part for axis, part in (("batch", f"b{p.get('batch')}"), ("concurrency", load))
                           if axis != drop))
@@ -181,7 +184,8 @@ def export_rows(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "mean_ms": lat.get("mean"), "p50_ms": lat.get("p50"), "p50_ms_ci_low": p50_lo, "p50_ms_ci_high": p50_hi,
             "p95_ms": lat.get("p95"), "p99_ms": lat.get("p99"), "p99_ms_ci_low": p99_lo, "p99_ms_ci_high": p99_hi,
             "token_efficiency": d.get("padding", {}).get("efficiency"), "requests": s.get("requests"),
-            "errors": s.get("errors"), "stable": st.get("stable"), "spread_pct": st.get("spread_pct"),
+            "errors": s.get("errors"), "shed": s.get("shed"), "shed_fraction": s.get("shed_fraction"),
+            "stable": st.get("stable"), "spread_pct": st.get("spread_pct"),
             "measured_s": d.get("load", {}).get("measured_s"), "workload": wl.get("source", p.get("workload")),
             "workload_sha256": wl.get("sha256"), "error": d.get("error"), "file": d.get("_path"),
         })
@@ -274,20 +278,31 @@ def convergence_section(docs: Sequence[dict[str, Any]]) -> str:
     return "## Points that did not converge\n\n" + "\n".join(lines) + "\n"
 
 
+def _shed(doc: dict[str, Any]) -> str:
+    s = doc.get("summary", {})
+    return "-" if s.get("shed_fraction") is None else f"{s['shed_fraction']:.0%}"
+
+
 def table_cells(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Columns and rows, in table order; a table that spans several experiments (a study) names
-    each row's experiment first."""
+    each row's experiment first; a table of HTTP loads adds the share of requests shed (429)."""
     docs = in_order(docs)
+    columns, rows = list(COLUMNS), [row(d) for d in docs]
+    if any("shed_fraction" in d.get("summary", {}) for d in docs):
+        at = columns.index("Errors") + 1
+        columns.insert(at, "Shed")
+        for cells, d in zip(rows, docs):
+            cells.insert(at, _shed(d))
     if spans_experiments(docs):
-        return ["Experiment", *COLUMNS], [[experiment_id(d), *row(d)] for d in docs]
-    return list(COLUMNS), [row(d) for d in docs]
+        return ["Experiment", *columns], [[experiment_id(d), *cells] for d, cells in zip(docs, rows)]
+    return columns, rows
 
 
 def render_table(docs: Sequence[dict[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title, header_style="bold", title_justify="left")
     columns, rows = table_cells(docs)
     for col in columns:
-        numeric = col in COLUMNS[NUMERIC_FROM:] or "workers" in col
+        numeric = col in COLUMNS[NUMERIC_FROM:] or col == "Shed" or "workers" in col
         table.add_column(col, justify="right" if numeric else "left")
     for cells in rows:
         table.add_row(*cells)

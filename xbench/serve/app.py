@@ -173,11 +173,13 @@ class RerankService:
                            "max_input_length": p.max_length, "model_workers": d["model_workers"],
                            "model_mode": d["model_mode"], "tokenizer_workers": d["tokenizer_workers"],
                            "packed": d["packed"], "planner": d["planner"], "batch_cost_model": d["batch_cost_model"],
-                           "relevance_trained": p.model.relevance_trained, "note": p.model.note})
+                           "relevance_trained": p.model.relevance_trained, "note": p.model.note,
+                           "scoring": p.model.recipe.describe()})
         first = models[0] if models else {}
         return JSONResponse({
             "model": first.get("model"), "backend": first.get("backend"), "precision": first.get("precision"),
             "device": first.get("device"), "relevance_trained": first.get("relevance_trained"),
+            "scoring": first.get("scoring"),
             "packed": first.get("packed"), "max_input_length": first.get("max_input_length"),
             "max_client_batch_size": self.server.max_client_batch_size,
             "max_batch_tokens": self.cfg.batching.max_batch_tokens,

@@ -42,7 +42,7 @@ class Metrics:
         self.queue_size = Gauge("xbench_queue_size_pairs", "Pairs waiting in the batcher.", registry=r)
         self.queue_wait = Gauge("xbench_queue_wait_estimate_seconds", "Estimated wait of a request arriving now: "
                                 "queued tokens / measured tokens per second (admission answers 429 past "
-                                "max_queue_wait_ms).", registry=r)
+                                "max_queue_wait_ms when arrivals outrun the server).", registry=r)
         self.in_flight = Gauge("xbench_requests_in_flight", "Rerank requests being served.", registry=r)
         self.model_info = Gauge("xbench_model_info", "The served model (value 1).",
                                 ["model", "backend", "device", "precision"], registry=r)

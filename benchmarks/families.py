@@ -1,0 +1,147 @@
+"""Benchmark: an LLM reranker through xbench against the plain transformers recipe, same pairs.
+
+On the Qwen3-Reranker-0.6B stand-in (`xbench/qwen3-reranker-0.6b-seeded`; or --model for any
+folder with a label-logits recipe), for each workload (MS MARCO-shaped and long-tailed), rounds
+alternating, each path scoring the same pairs from strings (tokenizing included):
+
+  reference   the model card's recipe: AutoModelForCausalLM, the prompt as one string between the
+              prefix and suffix tokens, padded batches of --batch sorted by length, the full LM head,
+              logit("yes") - logit("no") at the last position
+  xbench      the pipeline of the default config (`Pipeline.submit`, requests of --batch documents),
+              fp32, and at --precision
+
+Every row reports pairs/s, its ratio to the reference in the same round, and Spearman's rho of its
+scores against the reference's.
+
+    python benchmarks/families.py [--pairs 64] [--batch 32] [--rounds 2] [--precision bf16]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xbench.config import compose_config
+from xbench.core.pipeline import Pipeline
+from xbench.models import resolve_instance
+from xbench.recipes import QWEN3
+from xbench.results.store import environment, write_json
+from xbench.standins import QWEN3_STANDIN
+from xbench.workload import make_workload
+
+console = Console(width=150)
+
+
+class Reference:
+    """The recipe as Qwen3-Reranker's model card writes it."""
+
+    def __init__(self, model_dir: Path, max_length: int, batch: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        self.prefix = self.tok.encode(QWEN3.head[0], add_special_tokens=False)
+        self.suffix = self.tok.encode(QWEN3.tail[0], add_special_tokens=False)
+        self.no, self.yes = self.tok.convert_tokens_to_ids("no"), self.tok.convert_tokens_to_ids("yes")
+        self.max_length, self.batch = max_length, batch
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        texts = [f"<Instruct>: {QWEN3.instruction}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
+        enc = self.tok(texts, padding=False, truncation="longest_first", return_attention_mask=False,
+                       max_length=self.max_length - len(self.prefix) - len(self.suffix))
+        ids = [self.prefix + e + self.suffix for e in enc["input_ids"]]
+        order = np.argsort([len(i) for i in ids], kind="stable")  # sorted by length: the fair chance
+        out = np.empty(len(ids), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(ids), self.batch):
+                rows = order[start:start + self.batch]
+                batch = self.tok.pad({"input_ids": [ids[r] for r in rows]}, padding=True, return_tensors="pt")
+                logits = self.lm(**batch).logits[:, -1, :]
+                out[rows] = (logits[:, self.yes] - logits[:, self.no]).float().numpy()
+        return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def xbench_scores(pipe: Pipeline, pairs: list[tuple[str, str]], batch: int) -> np.ndarray:
+    jobs = [pipe.submit(pairs[i:i + batch]) for i in range(0, len(pairs), batch)]
+    return np.concatenate([j.result(3600).logits for j in jobs])
+
+
+def main(
+    model: str = typer.Option(QWEN3_STANDIN, help="A label-logits reranker (the stand-in by default)."),
+    pairs: int = typer.Option(64, help="Pairs per workload."),
+    batch: int = typer.Option(32, help="Documents a request (xbench) and pairs a batch (reference)."),
+    rounds: int = typer.Option(2),
+    precision: Optional[str] = typer.Option("bf16", help="A second xbench precision (bf16 where the CPU has AMX "
+                                                          "or AVX512-BF16, else int8); empty for none."),
+    max_length: int = typer.Option(512),
+    out: Path = typer.Option(Path("results/benchmarks/families.json"), "--out", "-o"),
+) -> None:
+    base = [f"model_pool.instances.0.name={model}", f"model_pool.instances.0.max_length={max_length}"]
+    resolved = resolve_instance(compose_config(base).model_pool.instances[0])
+    reference = Reference(resolved.path, max_length, batch)
+    paths = {"xbench fp32": base}
+    if precision:
+        paths[f"xbench {precision}"] = [*base, f"model_pool.instances.0.quantization={precision}"]
+    pipes = {}
+    with console.status("loading the pipelines ..."):
+        for name, overrides in paths.items():
+            pipes[name] = Pipeline.from_config(compose_config(overrides)).start()
+    report: dict = {"env": environment(), "model": resolved.info(), "batch": batch, "pairs": pairs, "workloads": {}}
+    try:
+        for lengths in ("msmarco", "longtail"):
+            cfg = compose_config([*base, f"workload.lengths={lengths}"])
+            workload = make_workload(None, cfg)
+            query, _ = workload.pairs(1)[0]
+            docs = [d for _, d in workload.pairs(pairs + 1)[1:]]
+            sample = [(query, d) for d in docs]  # one query, as a reranker sees its candidates
+            times: dict[str, list[float]] = {"reference": [], **{n: [] for n in pipes}}
+            scores: dict[str, np.ndarray] = {}
+            for r in range(rounds):
+                for name in times:
+                    with console.status(f"{lengths}, round {r + 1}/{rounds}: {name} ..."):
+                        t0 = time.perf_counter()
+                        scores[name] = (reference.score(sample) if name == "reference"
+                                        else xbench_scores(pipes[name], sample, batch))
+                        times[name].append(time.perf_counter() - t0)
+            rows = {}
+            for name, spent in times.items():
+                rate = [pairs / s for s in spent]
+                ratio = [t_ref / s for t_ref, s in zip(times["reference"], spent)]
+                rows[name] = {"pairs_per_s": rate, "ratio_to_reference": ratio,
+                              "spearman": spearman(scores[name], scores["reference"]),
+                              "max_abs_diff": float(np.abs(scores[name] - scores["reference"]).max())}
+            report["workloads"][lengths] = rows
+    finally:
+        for p in pipes.values():
+            p.close()
+
+    table = Table(title=f"{model}: xbench against the transformers recipe, {pairs} pairs, batch {batch}")
+    for col in ("workload", "path", "pairs/s per round", "× reference (per round)", "Spearman vs reference",
+                "max |Δ score|"):
+        table.add_column(col, justify="left" if col in ("workload", "path") else "right")
+    for lengths, rows in report["workloads"].items():
+        for name, row in rows.items():
+            table.add_row(lengths, name, " ".join(f"{v:.2f}" for v in row["pairs_per_s"]),
+                          " ".join(f"{v:.2f}" for v in row["ratio_to_reference"]) + f" (mean {statistics.fmean(row['ratio_to_reference']):.2f})",
+                          f"{row['spearman']:.4f}", f"{row['max_abs_diff']:.1e}")
+    console.print(table)
+    write_json(out, report)
+    console.print(f"[dim]raw: {out}[/]")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -5,15 +5,18 @@ folder with a label-logits recipe), for each workload (MS MARCO-shaped and long-
 alternating, each path scoring the same pairs from strings (tokenizing included):
 
   reference   the model card's recipe: AutoModelForCausalLM, the prompt as one string between the
-              prefix and suffix tokens, padded batches of --batch sorted by length, the full LM head,
-              logit("yes") - logit("no") at the last position
+              prefix and suffix tokens, padded batches of --batch sorted by length, the full LM head
+              at the last position only (`logits_to_keep=1`: the model card's snippet computes
+              every position's vocabulary, several GB a batch, which no careful user keeps),
+              logit("yes") - logit("no")
   xbench      the pipeline of the default config (`Pipeline.submit`, requests of --batch documents),
-              fp32, and at --precision
+              fp32, fp32 with the shared prefix off (its gain on its own), and at --precision
 
 Every row reports pairs/s, its ratio to the reference in the same round, and Spearman's rho of its
 scores against the reference's.
 
     python benchmarks/families.py [--pairs 64] [--batch 32] [--rounds 2] [--precision bf16]
+    python benchmarks/families.py --device cuda --reference-precision fp16 --precision bf16   # on a GPU
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ console = Console(width=150)
 class Reference:
     """The recipe as Qwen3-Reranker's model card writes it."""
 
-    def __init__(self, model_dir: Path, max_length: int, batch: int):
+    def __init__(self, model_dir: Path, max_length: int, batch: int, device: str = "cpu", precision: str = "fp32"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.device = torch.device(device)
         self.tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        self.lm.to(self.device)
         self.prefix = self.tok.encode(QWEN3.head[0], add_special_tokens=False)
         self.suffix = self.tok.encode(QWEN3.tail[0], add_special_tokens=False)
         self.no, self.yes = self.tok.convert_tokens_to_ids("no"), self.tok.convert_tokens_to_ids("yes")
@@ -64,8 +70,8 @@ class Reference:
             for start in range(0, len(ids), self.batch):
                 rows = order[start:start + self.batch]
                 batch = self.tok.pad({"input_ids": [ids[r] for r in rows]}, padding=True, return_tensors="pt")
-                logits = self.lm(**batch).logits[:, -1, :]
-                out[rows] = (logits[:, self.yes] - logits[:, self.no]).float().numpy()
+                logits = self.lm(**batch.to(self.device), logits_to_keep=1).logits[:, -1, :]
+                out[rows] = (logits[:, self.yes] - logits[:, self.no]).float().cpu().numpy()
         return out
 
 
@@ -88,12 +94,15 @@ def main(
     precision: Optional[str] = typer.Option("bf16", help="A second xbench precision (bf16 where the CPU has AMX "
                                                           "or AVX512-BF16, else int8); empty for none."),
     max_length: int = typer.Option(512),
+    device: str = typer.Option("cpu", help="cpu or cuda: where both the reference and xbench run."),
+    reference_precision: str = typer.Option("fp32", help="The reference's dtype (fp16 or bf16 on a GPU)."),
     out: Path = typer.Option(Path("results/benchmarks/families.json"), "--out", "-o"),
 ) -> None:
-    base = [f"model_pool.instances.0.name={model}", f"model_pool.instances.0.max_length={max_length}"]
+    base = [f"model_pool.instances.0.name={model}", f"model_pool.instances.0.max_length={max_length}",
+            f"model_pool.instances.0.device={device}"]
     resolved = resolve_instance(compose_config(base).model_pool.instances[0])
-    reference = Reference(resolved.path, max_length, batch)
-    paths = {"xbench fp32": base}
+    reference = Reference(resolved.path, max_length, batch, device, reference_precision)
+    paths = {"xbench fp32": base, "xbench fp32, prefix not shared": [*base, "model_pool.instances.0.shared_prefix=false"]}
     if precision:
         paths[f"xbench {precision}"] = [*base, f"model_pool.instances.0.quantization={precision}"]
     pipes = {}

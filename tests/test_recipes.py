@@ -131,6 +131,27 @@ def test_the_query_side_is_tokenized_once_per_request(decoders, monkeypatch):
     assert sum(calls) == 1
 
 
+@pytest.mark.parametrize("recipe", ["qwen3-reranker", "bge-reranker-gemma"])
+def test_the_shared_prefix_gives_the_unshared_scores(decoders, recipe):
+    one_query = long_tailed_pairs(16)
+    two_queries = one_query[:8] + [("another query entirely", d) for _, d in one_query[8:]]
+    for pairs in (one_query, two_queries):
+        shared = pipeline_scores(decoders[recipe], pairs)
+        apart = pipeline_scores(decoders[recipe], pairs, "model_pool.instances.0.shared_prefix=false")
+        assert np.abs(shared - apart).max() <= 1e-4
+
+
+def test_the_shared_prefix_is_what_every_row_begins_with_short_of_its_last_token():
+    from xbench.backends.decoder import LabelScorer
+
+    ids = torch.tensor([[1, 2, 3, 4, 9, 0], [1, 2, 3, 5, 6, 7], [1, 2, 3, 4, 8, 0]])
+    mask = (torch.arange(6) < torch.tensor([[5], [6], [5]])).long()
+    assert LabelScorer.shared_length(ids, mask, mask.sum(1) - 1) == 3
+    assert LabelScorer.shared_length(ids[[0, 2]], mask[[0, 2]], mask[[0, 2]].sum(1) - 1) == 4
+    same = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    assert LabelScorer.shared_length(same, torch.ones_like(same), torch.tensor([2, 2])) == 2  # the last stays apart
+
+
 def test_a_thousand_documents_in_one_request(decoders):
     pairs = long_tailed_pairs(1000, seed=11)
     got = pipeline_scores(decoders["mxbai-rerank-v2"], pairs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -46,6 +47,19 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def ramp_rates(ramp: str, steps: int) -> list[float]:
+    """--ramp START:END:SECONDS -> the step rates, START to END inclusive."""
+    from xbench.errors import ConfigError
+
+    try:
+        start, end, seconds = (float(x) for x in ramp.split(":"))
+    except ValueError:
+        raise ConfigError(f"--ramp {ramp!r}: write START:END:SECONDS (requests/s, requests/s, seconds)") from None
+    if start <= 0 or end <= 0 or seconds <= 0 or steps < 2:
+        raise ConfigError(f"--ramp {ramp!r} --steps {steps}: rates and seconds must be positive, steps at least 2")
+    return [start + (end - start) * k / (steps - 1) for k in range(steps)]
+
+
 def shortcut_overrides(batch: Optional[int], concurrency: Optional[int], rate: Optional[float],
                        duration: Optional[float], warmup: Optional[float], requests: Optional[int]) -> list[str]:
     """The convenience options, as the config overrides they stand for."""
@@ -79,7 +93,8 @@ def _bench(command: str, overrides: Optional[List[str]], experiment: Optional[st
     console.print(render_table(docs, title=f"{command}: {cfg.name}"))
     console.print(f"[dim]{environment_line(environment())}[/]")
     if docs and docs[0]["model"].get("relevance_trained") is False:
-        console.print("[dim]Model: embedded default (seeded head, scores not relevance-trained; speed figures transfer).[/]")
+        console.print(f"[dim]Model: {docs[0]['model']['name']}, seeded (scores not relevance-trained; speed figures "
+                      "transfer).[/]")
     for d in docs:
         console.print(f"[dim]wrote {d['_path']}[/]")
 
@@ -158,7 +173,7 @@ def load_command(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="XBENCH_API_KEY", help="Bearer token sent to the server (the server's own key is server.api_key or XBENCH_SERVER_API_KEY)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL workload (default: seeded synthetic pairs)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Result JSON file (one point) or folder."),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="Documents per request."),
+    batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Documents per request: a number, A:B (uniform), lognormal:mean=M,sd=S[,min=,max=] (seeded), or recorded (each --data line's own documents)."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="Closed-loop clients."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Open loop: Poisson arrivals at this many requests/s."),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", help="Seconds measured per point."),
@@ -167,6 +182,13 @@ def load_command(
     slo: Optional[str] = typer.Option(None, "--slo", help="Find the highest rate meeting a bound, e.g. p99_ms=500."),
     generators: int = typer.Option(1, "--generators", help="Generator processes sharing the load (concurrency or rate split between them), merged into one result."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Run the --generators as Ray actors on this cluster (e.g. auto, ray://head:10001) instead of local processes."),
+    burstiness: Optional[float] = typer.Option(None, "--burstiness", help="Open loop: gamma arrivals of this shape at --rate (1 Poisson, the default; 0.25 bursty)."),
+    goodput_bounds: Optional[str] = typer.Option(None, "--goodput", help="Bounds every request must meet at once to count as good, e.g. latency_ms<=500,queue_ms<=100 (latency_ms, queue_ms, tokenize_ms, infer_ms, rest_ms)."),
+    ramp: Optional[str] = typer.Option(None, "--ramp", help="Open loop at rates rising linearly START:END:SECONDS (requests/s, in --steps steps), one result per step and a chart."),
+    steps: int = typer.Option(8, "--steps", help="--ramp: rate steps."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Replay a JSONL of {timestamp, query, documents} at its own times (open loop, every request counted)."),
+    speedup: float = typer.Option(1.0, "--speedup", help="--trace: replay this many times faster."),
+    records: Optional[Path] = typer.Option(None, "--records", help="Write one JSON line per measured request (send and end times, status, documents, tokens, the server's timings)."),
     retry_after: bool = typer.Option(True, "--retry-after/--no-retry-after", help="Closed loop: a client that is shed waits the server's Retry-After before its next request (--no-retry-after: count it and send the next at once)."),
 ) -> None:
     """Drive any rerank HTTP endpoint (xbench serve, TEI, Infinity, vLLM, ...) with the same load generator."""
@@ -175,14 +197,52 @@ def load_command(
     from xbench.bench.slo import slo_search
     from xbench.config import compose_config
     from xbench.errors import ConfigError
-    from xbench.results.report import render_table
+    from xbench.results.report import render_table, stages_table
     from xbench.workload import make_workload
 
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"URL {url!r} must start with http:// or https://")
-    cfg = compose_config([*(overrides or []), *shortcut_overrides(batch, concurrency, rate, duration, warmup, requests),
-                          *([] if retry_after else ["experiment.honour_retry_after=false"])])
-    workload = make_workload(data, cfg)
+    recorded = batch == "recorded"
+    if recorded and data is None:
+        raise ConfigError("--batch recorded sends each --data line's documents as they are: give --data")
+    sizes: list[str] = []
+    if batch is not None and not recorded and not batch.strip().isdigit():  # a distribution: its mean labels it
+        from xbench.errors import DataError
+        from xbench.workload import RequestSizes
+
+        try:
+            typical = RequestSizes(batch).typical
+        except DataError as exc:
+            raise ConfigError(f"--batch: {exc}") from None
+        sizes = [f"workload.docs_per_request='{batch}'", f"experiment.batch_sizes=[{typical}]"]
+    fixed = int(batch) if batch is not None and batch.strip().isdigit() else None
+    rates: list[float] = []
+    timing = shortcut_overrides(fixed, concurrency, rate, duration, warmup, requests)
+    if ramp is not None:  # each step an open-loop point of its own, measured for its share of the time
+        if rate or slo or trace:
+            raise ConfigError("--ramp sets the rates: drop --rate, --slo and --trace")
+        rates = ramp_rates(ramp, steps)
+        step_s = float(ramp.split(":")[2]) / steps
+        timing = [*shortcut_overrides(fixed, None, None, None, None, None), f"experiment.duration_s={step_s}",
+                  f"experiment.max_duration_s={step_s}", f"experiment.warmup_s={warmup or 0}"]
+    cfg = compose_config([*(overrides or []), *timing, *sizes,
+                          *([] if retry_after else ["experiment.honour_retry_after=false"]),
+                          *([f"experiment.burstiness={burstiness}"] if burstiness is not None else []),
+                          *([f"experiment.goodput='{goodput_bounds}'"] if goodput_bounds else [])])
+    if records is not None:
+        from xbench.results.store import check_writable
+
+        check_writable(records.parent)
+    schedule = None
+    if trace is not None:
+        from xbench.workload import load_trace
+
+        if data is not None or rate or slo:
+            raise ConfigError("--trace sets the requests and their times: drop --data, --rate and --slo")
+        workload, schedule = load_trace(trace, speedup)
+    else:
+        workload = make_workload(data, cfg)
+        workload.as_recorded = recorded
     target: Any = HttpTarget(url, api, model=model, api_key=api_key)
     if generators < 1:
         raise ConfigError(f"--generators {generators}: must be at least 1")
@@ -195,11 +255,36 @@ def load_command(
     if slo:
         docs, search = slo_search("load", cfg, target, workload, int(cfg.experiment.batch_sizes[0]), slo, out, err_console)
     else:
-        docs = run_points("load", cfg, target, workload, [(b, c, cfg.experiment.rate) for b, c in grid(cfg)], out, err_console)
+        if records is not None:
+            records.write_text("")  # this run's requests only
+        as_sent = round(sum(map(len, workload.documents)) / len(workload.documents))  # the mean, to label it
+        if schedule:
+            points = [(as_sent, 1, None)]
+        elif recorded:
+            points = [(as_sent, c, cfg.experiment.rate) for _, c in grid(cfg)]
+        elif rates:
+            points = [(int(cfg.experiment.batch_sizes[0]), 1, r) for r in rates]
+        else:
+            points = [(b, c, cfg.experiment.rate) for b, c in grid(cfg)]
+        docs = run_points("load", cfg, target, workload, points, out, err_console, records=records, schedule=schedule)
     console.print(render_table(docs, title=f"load: {target.url} ({api})" + (f", {generators} generators" if generators > 1 else "")))
+    if (split := stages_table(docs, title="where the time went (the server's timing headers)")) is not None:
+        console.print(split)
     for d in docs:
         if d.get("http_status"):
             console.print(f"[dim]{d['_path']}: HTTP status counts {d['http_status']}[/]")
+        lag = d.get("load", {}).get("send_lag_ms")
+        if lag and d["load"].get("mode") == "trace":
+            console.print(f"trace replayed: {d['load']['requests']} requests over {d['load']['span_s']:.1f} s, sent "
+                          f"{lag['p50']:.1f} ms (p50) / {lag['p99']:.1f} ms (p99) after their recorded times")
+        if d.get("goodput"):
+            g = d["goodput"]
+            console.print(f"goodput ({', '.join(f'{k}<={v:g}' for k, v in g['bounds'].items())}): "
+                          f"{g['requests_per_s']:.3g} requests/s, {g['fraction']:.0%} of {g['requests']} requests")
+        busy = d.get("load", {}).get("generator_cpu", {}).get("cores", 0)
+        if busy > 0.5:
+            console.print(f"[yellow]the load generator itself used {busy:.2f} cores[/] of this machine's "
+                          f"{os.cpu_count()}: where it shares them with the server, it is part of what was measured")
         if d.get("summary", {}).get("shed_fraction", 0) > 0.5:
             console.print(f"[bold yellow]most requests were shed:[/] {d['summary']['shed_fraction']:.0%} answered 429 "
                           "(the server's admission bound), so these figures describe a server turning load away")
@@ -208,6 +293,10 @@ def load_command(
         console.print(f"highest rate meeting {slo}: "
                       + (f"{search.best:.3g} requests/s" if search.best else "none of the rates tried")
                       + f" (requests/s tried: {tried})")
+    if rates and docs:
+        from xbench.results.plot import plot_ramp
+
+        console.print(f"[dim]chart: {plot_ramp(docs, Path(docs[0]['_path']).parent / 'ramp.png')}[/]")
     if docs and not any(d.get("summary", {}).get("requests") for d in docs):
         err_console.print("[bold red]error:[/] no request succeeded; see the HTTP status counts above")
         raise typer.Exit(1)

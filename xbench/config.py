@@ -77,6 +77,9 @@ class ModelInstanceConfig:
     template: Optional[str] = None
     # ... and the label tokens read at its last position: [negative, positive] or [positive].
     label_tokens: Optional[List[str]] = None
+    # LLM rerankers: the tokens every row of a batch starts with (the prompt, the query) run once
+    # and the rest attend to their keys and values (exact; backends/decoder.py). null: on.
+    shared_prefix: Optional[bool] = None
 
 
 @dataclass
@@ -174,6 +177,11 @@ class ExperimentConfig:
     requests: Optional[int] = None
     # Open loop: Poisson arrivals at this many requests/s instead of closed-loop clients.
     rate: Optional[float] = None
+    # Open loop: gamma inter-arrival times of this shape (1: Poisson; 0.25: bursty; vLLM's rule).
+    burstiness: float = 1.0
+    # Bounds every request must meet at once to count toward goodput, e.g.
+    # "latency_ms<=500,queue_ms<=100" (latency_ms, queue_ms, tokenize_ms, infer_ms, rest_ms).
+    goodput: Optional[str] = None
     # Closed loop: a client that is shed (429/503 with Retry-After) waits that long before its
     # next request, as real clients do; false counts the answer and sends the next at once.
     honour_retry_after: bool = True
@@ -190,6 +198,9 @@ class WorkloadConfig:
     lengths: LengthMix = LengthMix.msmarco
     docs_per_query: int = 1
     fixed_words: int = 56
+    # Documents per request from a distribution instead of the batch size (any workload, --data
+    # included): "A:B" uniform, or "lognormal:mean=M,sd=S[,min=,max=]"; xbench load -b takes it.
+    docs_per_request: Optional[str] = None
 
 
 @dataclass
@@ -311,6 +322,19 @@ def validate(cfg: DictConfig) -> None:
         positive("experiment.requests", exp.requests)
     if exp.rate is not None:
         positive("experiment.rate", exp.rate)
+    positive("experiment.burstiness", exp.burstiness)
+    if cfg.workload.docs_per_request:
+        from xbench.errors import DataError
+        from xbench.workload import RequestSizes
+
+        try:
+            RequestSizes(str(cfg.workload.docs_per_request))
+        except DataError as exc:
+            raise ConfigError(f"workload.docs_per_request: {exc}") from None
+    if exp.goodput is not None:
+        from xbench.bench.stats import parse_goodput
+
+        parse_goodput(exp.goodput)
     if exp.windows < 3:
         raise ConfigError(f"experiment.windows={exp.windows} must be at least 3 (stability compares the last 3)")
     positive("experiment.min_requests_per_window", exp.min_requests_per_window)

@@ -71,8 +71,50 @@ class Request:
         return [(self.query, d) for d in self.documents]
 
 
+class RequestSizes:
+    """Documents per request drawn from a distribution, the same for request i on every run:
+    `A:B` uniform integers in [A, B], or `lognormal:mean=M,sd=S` (optionally `,min=,max=`), the
+    shape of a search stack's candidate lists (10 to 200 per query)."""
+
+    def __init__(self, spec: str, seed: int = 0):
+        self.spec, self.seed = spec, seed
+        kind, _, rest = spec.partition(":")
+        try:
+            if kind.strip().isdigit() and rest.strip().isdigit():
+                self.kind, self.low, self.high = "uniform", int(kind), int(rest)
+            elif kind == "lognormal":
+                args = {k.strip(): float(v) for k, v in (a.split("=") for a in rest.split(",") if a.strip())}
+                self.kind, self.mean, self.sd = "lognormal", args.pop("mean"), args.pop("sd")
+                self.low, self.high = int(args.pop("min", 1)), int(args.pop("max", 1000))
+                if args:
+                    raise ValueError(f"unknown {', '.join(args)}")
+                if self.mean <= 0 or self.sd <= 0:
+                    raise ValueError("mean and sd must be positive")
+            else:
+                raise ValueError("not a distribution")
+        except (ValueError, KeyError) as exc:
+            raise DataError(f"documents per request {spec!r}: write A:B (uniform) or lognormal:mean=M,sd=S[,min=,max=] "
+                            f"({exc})") from None
+        if not 1 <= self.low <= self.high:
+            raise DataError(f"documents per request {spec!r}: need 1 <= min <= max")
+
+    def draw(self, i: int) -> int:
+        rng = np.random.Generator(np.random.PCG64([self.seed, i]))
+        if self.kind == "uniform":
+            return int(rng.integers(self.low, self.high + 1))
+        sigma2 = np.log(1 + (self.sd / self.mean) ** 2)  # the lognormal with this mean and sd
+        value = rng.lognormal(np.log(self.mean) - sigma2 / 2, np.sqrt(sigma2))
+        return int(np.clip(round(value), self.low, self.high))
+
+    @property
+    def typical(self) -> int:
+        """A label for tables: the mean, as a whole number."""
+        return round((self.low + self.high) / 2) if self.kind == "uniform" else round(self.mean)
+
+
 class Workload:
-    """A source of requests of `batch` documents, cycling over a fixed set of pairs."""
+    """A source of requests of `batch` documents (or of `sizes`' draws), cycling over a fixed set
+    of pairs."""
 
     def __init__(self, queries: list[str], documents: list[list[str]], source: str, sha256: str | None = None):
         if not queries:
@@ -82,10 +124,18 @@ class Workload:
         self.source = source
         self.sha256 = sha256  # of a data file's bytes (a synthetic workload is named by its seed)
         self._flat = [d for docs in documents for d in docs]
+        self.sizes: RequestSizes | None = None  # documents per request from a distribution
+        self.as_recorded = False  # request i is line i with its own documents (a trace)
 
     def request(self, i: int, batch: int) -> Request:
-        """Request i: query i (cyclic) with `batch` documents taken cyclically from its own list,
-        topped up from the whole pool so any batch size works with any file."""
+        """Request i: query i (cyclic) with `batch` documents (or `sizes`' draw for request i) taken
+        cyclically from its own list, topped up from the whole pool so any batch size works with
+        any file."""
+        if self.as_recorded:
+            q = i % len(self.queries)
+            return Request(self.queries[q], tuple(self.documents[q]))
+        if self.sizes is not None:
+            batch = self.sizes.draw(i)
         q = i % len(self.queries)
         own = self.documents[q]
         if len(own) >= batch:
@@ -166,6 +216,40 @@ def load_jsonl(path: str | Path) -> Workload:
     return Workload(queries, documents, source=str(p), sha256=hashlib.sha256(p.read_bytes()).hexdigest())
 
 
+def load_trace(path: str | Path, speedup: float = 1.0) -> tuple[Workload, list[float]]:
+    """A recorded trace, `{"timestamp": seconds, "query", "documents": [...]}` a line, as a workload
+    whose request i is line i as recorded, and each request's send time in seconds from the first
+    (divided by `speedup`). Timestamps must not go backwards: a line that does is named."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--trace {path}: no such file")
+    if speedup <= 0:
+        raise DataError(f"--speedup {speedup}: must be positive")
+    queries: list[str] = []
+    documents: list[list[str]] = []
+    stamps: list[float] = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            query, docs, _ = parse_line(line, where)
+            stamp = json.loads(line).get("timestamp")
+            if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
+                raise DataError(f'{where}: expected a number "timestamp" (seconds)')
+            if stamps and stamp < stamps[-1]:
+                raise DataError(f"{where}: timestamp {stamp} goes back before the previous line's {stamps[-1]}")
+            queries.append(query)
+            documents.append(docs)
+            stamps.append(float(stamp))
+    if not stamps:
+        raise DataError(f"--trace {path} holds no requests")
+    workload = Workload(queries, documents, source=f"trace {p}" + (f" at {speedup:g}x" if speedup != 1 else ""),
+                        sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+    workload.as_recorded = True
+    return workload, [(t - stamps[0]) / speedup for t in stamps]
+
+
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -225,11 +309,14 @@ def parse_line(line: str, where: str) -> tuple[str, list[str], bool]:
 
 def make_workload(data: str | Path | None, cfg: Any) -> Workload:
     """The workload a composed config asks for: the JSONL file `data`, else synthetic pairs."""
-    if data:
-        return load_jsonl(data)
     w = cfg.workload
-    return synthetic(num_pairs=cfg.experiment.num_pairs, seed=cfg.experiment.seed, docs_per_query=w.docs_per_query,
-                     lengths=w.lengths, fixed_words=w.fixed_words)
+    workload = load_jsonl(data) if data else synthetic(num_pairs=cfg.experiment.num_pairs, seed=cfg.experiment.seed,
+                                                       docs_per_query=w.docs_per_query, lengths=w.lengths,
+                                                       fixed_words=w.fixed_words)
+    if w.docs_per_request:
+        workload.sizes = RequestSizes(str(w.docs_per_request), int(cfg.experiment.seed))
+        workload.source += f", {w.docs_per_request} documents a request"
+    return workload
 
 
 def length_stats(lengths: list[int] | np.ndarray) -> dict:

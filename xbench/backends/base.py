@@ -164,6 +164,7 @@ def create_backend(inst: Any, model_dir: str, threads: int, label_ids: tuple[int
     options: dict[str, Any] = {"packed": getattr(inst, "packed", None)} if spec.packs else {}
     if label_ids:
         options["label_ids"] = tuple(label_ids)
+        options["shared_prefix"] = getattr(inst, "shared_prefix", None) is not False
     if spec.graphs:
         options["cuda_graphs"] = getattr(inst, "cuda_graphs", None)
     return cls(model_dir=model_dir, device=device, precision=inst.quantization, threads=threads,

@@ -121,7 +121,8 @@ class TorchBackend:
     engine = "torch-eager"
 
     def __init__(self, model_dir: str, device: str, precision: str, threads: int, trust_remote_code: bool = False,
-                 packed: bool | None = None, cuda_graphs: bool | None = None, label_ids: tuple[int, ...] | None = None):
+                 packed: bool | None = None, cuda_graphs: bool | None = None, label_ids: tuple[int, ...] | None = None,
+                 shared_prefix: bool = True):
         # Called on the worker's own thread: set_num_threads sets that thread's intra-op pool.
         torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -131,7 +132,7 @@ class TorchBackend:
             if packed:
                 raise ValueError("packed=true: packed execution runs encoders (BERT, RoBERTa, ELECTRA, DistilBERT); "
                                  "an LLM reranker runs padded")
-            model = LabelScorer(load_causal_lm(model_dir, trust_remote_code), label_ids)
+            model = LabelScorer(load_causal_lm(model_dir, trust_remote_code), label_ids, shared_prefix)
             self.input_names: tuple[str, ...] = ("input_ids", "attention_mask")
             packed = False
         else:
@@ -219,8 +220,10 @@ class TorchBackend:
 
     def describe(self) -> dict[str, Any]:
         graphs = self.graphed.describe() if self.graphed is not None else {"cuda_graphs": False}
+        shared = getattr(self.model, "shared_prefix", None)
         return {"engine": self.engine, "torch": torch.__version__, "threads": self.threads,
-                "device": str(self.device), "precision": self.precision, "packed": self.packed, **graphs}
+                "device": str(self.device), "precision": self.precision, "packed": self.packed, **graphs,
+                **({"shared_prefix": shared} if shared is not None else {})}
 
 
 class CompiledBackend(TorchBackend):

@@ -229,11 +229,11 @@ class HttpTarget:
             if r.status_code != 200:
                 self._count_wrong(f"HTTP {r.status_code} ({r.text[:120]})" if r.status_code in WRONG_REQUEST else None)
                 return Sent(pairs=0, status=r.status_code, ok=False, error=f"HTTP {r.status_code}: {r.text[:120]}",
-                            retry_after_s=retry_after_s(r))
+                            retry_after_s=retry_after_s(r), documents=len(req.documents))
             self._wrong_in_a_row = 0
             stages = {k: float(r.headers[h]) / 1000.0 for k, h in TIMING_HEADERS.items() if h in r.headers}
             tokens = int(r.headers.get("x-compute-tokens", 0) or 0)
-            return Sent(pairs=len(req.documents), stages_s=stages, status=200, tokens=tokens)
+            return Sent(pairs=len(req.documents), stages_s=stages, status=200, tokens=tokens, documents=len(req.documents))
 
         return send
 

@@ -5,8 +5,8 @@ pool, infer-bench the model stage, pipeline-bench the whole pipeline, `load` an 
 The target is an async `send(i)` that performs request i and returns a `Sent`.
 
 Closed loop: each client sends its next request when the last returns; latency is timed
-from the send. Open loop: requests are scheduled at Poisson arrival times whatever the
-target does, and latency is timed from the *scheduled* time, so a stalled target cannot
+from the send. Open loop: requests are scheduled at Poisson (or gamma, `burstiness`) arrival
+times whatever the target does, and latency is timed from the *scheduled* time, so a stalled target cannot
 hide its queueing behind slow responses (coordinated omission).
 
 A point is measured until it converges (`Windows`), as perf_analyzer measures: after the
@@ -48,12 +48,19 @@ class Sent:
     ok: bool = True
     error: str | None = None
     retry_after_s: float | None = None  # the server shed it and said when to come back
+    documents: int = 0  # documents sent, scored or not
 
 
 @dataclass
 class LoadSpec:
     concurrency: int = 1
     rate: float | None = None  # requests/s; set for open loop
+    # Open loop: gamma inter-arrival times of shape `burstiness` (1: Poisson; below 1 burstier,
+    # above 1 more even), their mean 1 / rate, as vLLM's benchmark draws them.
+    burstiness: float = 1.0
+    # A trace's send times, seconds from the first: replayed once at those times, every request
+    # counted (no warm-up, no convergence: the trace is the experiment).
+    schedule: list[float] | None = None
     duration_s: float = 10.0  # the least time measured; each window lasts at least duration_s / windows
     warmup_s: float = 2.0
     requests: int | None = None  # closed loop: measure exactly this many requests, in even windows
@@ -148,14 +155,17 @@ Progress = Callable[[float], None]  # fraction of the run done, 0..1
 
 
 async def _timed(send: Send, i: int, start: float) -> Record:
+    sent_at = time.perf_counter()
     try:
         sent = await send(i)
     except StopLoad:
         raise
     except Exception as exc:  # a failed request is a result, never the end of the run
-        return Record(start, time.perf_counter(), 0, ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
+        return Record(start, time.perf_counter(), 0, ok=False, error=f"{type(exc).__name__}: {exc}"[:200],
+                      sent=sent_at)
     return Record(start, time.perf_counter(), sent.pairs, ok=sent.ok, stages_s=sent.stages_s,
-                  status=sent.status, error=sent.error, tokens=sent.tokens, retry_after_s=sent.retry_after_s)
+                  status=sent.status, error=sent.error, tokens=sent.tokens, retry_after_s=sent.retry_after_s,
+                  documents=sent.documents, sent=sent_at)
 
 
 async def _back_off(rec: Record, spec: LoadSpec, until: float) -> None:
@@ -171,8 +181,11 @@ async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None,
     count (the measured interval's) to `measured`."""
     ticker = asyncio.create_task(_tick(progress, spec)) if progress else None
     sink: list[Record] = [] if records is None else records
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
-        if spec.rate:
+        if spec.schedule is not None:
+            out, counted = await _replay(send, spec, sink)
+        elif spec.rate:
             out, counted = await _open_loop(send, spec, sink)
         else:
             out, counted = await _closed_loop(send, spec, progress, sink)
@@ -183,6 +196,10 @@ async def generate(send: Send, spec: LoadSpec, progress: Progress | None = None,
         progress(1.0)
     if measured is not None:
         measured.extend(counted)
+    # The generator's own appetite: on a machine it shares with the server, a generator near one
+    # core is part of what was measured.
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    out["load"]["generator_cpu"] = {"seconds": cpu, "cores": cpu / wall if wall > 0 else 0.0}
     return out
 
 
@@ -289,7 +306,7 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
         task = asyncio.create_task(_timed(send, i, scheduled))
         task.add_done_callback(finished)
         tasks.append(task)
-        scheduled += float(rng.exponential(1.0 / spec.rate))
+        scheduled += float(rng.gamma(spec.burstiness, 1.0 / (spec.rate * spec.burstiness)))
     stop_at = max(windows.edges[-1], min(time.perf_counter(), limit_at))  # the schedule's end
     done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s) if tasks else (set(), set())
     for t in pending:
@@ -310,12 +327,44 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
     edges = [*windows.edges[:-1], max([stop_at] + [r.end for r in in_window])]
     stats = summarize(in_window, edges)
     stats["stability"] = {**stats["stability"], **windows.verdict()}
+    lag = [(r.sent - r.start) * 1000 for r in in_window if r.sent is not None]
     stats["load"] = {
-        "mode": "open", "target_rate": spec.rate,
+        "mode": "open", "target_rate": spec.rate, "burstiness": spec.burstiness,
+        "send_lag_ms": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99))} if lag else None,
         "achieved_send_rate": len(in_window) / max(stop_at - measure_from, 1e-9),
         "warmup_s": spec.warmup_s, "duration_s": spec.duration_s, "measured_s": stop_at - measure_from,
     }
     return stats, in_window
+
+
+async def _replay(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
+    """A trace at its own times: request i is due at `schedule[i]` from the start, whatever the
+    target does, and its latency counts from then (as in the open loop)."""
+    assert spec.schedule is not None
+    begin = time.perf_counter() + 0.05  # room to schedule the first without a late start
+    tasks: list[asyncio.Task[Record]] = []
+    for i, offset in enumerate(spec.schedule):
+        delay = begin + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_timed(send, i, begin + offset)))
+    done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s)
+    for t in pending:
+        t.cancel()
+    for t in done:
+        if isinstance(t.exception(), StopLoad):
+            raise t.exception()  # type: ignore[misc]
+    now = time.perf_counter()
+    records = [t.result() if t in done else Record(now, now, 0, ok=False, error="no response before the drain timeout")
+               for t in tasks]
+    sink.extend(records)
+    edges = even_edges(begin, max(r.end for r in records), spec.windows)
+    stats = summarize(records, edges)
+    lag = [(r.sent - r.start) * 1000 for r in records if r.sent is not None]
+    stats["load"] = {"mode": "trace", "requests": len(records), "span_s": spec.schedule[-1],
+                     "send_lag_ms": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)),
+                                     "max": max(lag)} if lag else None}
+    return stats, records
 
 
 async def _tick(progress: Progress, spec: LoadSpec) -> None:

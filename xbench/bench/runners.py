@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from xbench.backends.base import normalize
 from xbench.bench.load import LoadSpec, Send, Sent, generate
+from xbench.bench.stats import Record, goodput, parse_goodput
 from xbench.config import to_dict
 from xbench.core.model_pool import TokenCounts
 from xbench.core.pipeline import Pipeline
@@ -137,7 +139,7 @@ def load_spec(cfg: DictConfig, concurrency: int) -> LoadSpec:
     return LoadSpec(concurrency=concurrency, rate=e.rate, duration_s=e.duration_s, warmup_s=e.warmup_s,
                     requests=e.requests, windows=e.windows, min_window_requests=e.min_requests_per_window,
                     stability_pct=e.stability_pct, max_duration_s=e.max_duration_s, seed=e.seed,
-                    honour_retry_after=e.honour_retry_after)
+                    honour_retry_after=e.honour_retry_after, burstiness=e.burstiness)
 
 
 def grid(cfg: DictConfig) -> list[tuple[int, int]]:
@@ -186,15 +188,16 @@ def output_path(out: Path | None, command: str, params: dict, points: int, run: 
 
 
 async def measure(target: Any, workload: Workload, batch: int, spec: LoadSpec,
-                  progress: Callable[[float], None] | None = None) -> dict:
+                  progress: Callable[[float], None] | None = None, measured: list[Record] | None = None) -> dict:
     """One point: the target's send under the load generator (opening its session, if any), or
-    a target that runs several generators and merges them."""
+    a target that runs several generators and merges them; the requests its statistics count are
+    appended to `measured` (one generator only)."""
     if hasattr(target, "generate"):
         return await target.generate(workload, batch, spec, progress)
     if hasattr(target, "open"):
         await target.open()
     try:
-        return await generate(target.sender(workload, batch), spec, progress)
+        return await generate(target.sender(workload, batch), spec, progress, measured=measured)
     finally:
         if hasattr(target, "aclose"):
             await target.aclose()
@@ -202,9 +205,11 @@ async def measure(target: Any, workload: Workload, batch: int, spec: LoadSpec,
 
 def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
                points: list[tuple[int, int, float | None]], out: Path | None, console: Console,
-               annotate: Callable[[dict], None] | None = None, write: bool = True) -> list[dict]:
+               annotate: Callable[[dict], None] | None = None, write: bool = True,
+               records: Path | None = None, schedule: list[float] | None = None) -> list[dict]:
     """Measure (batch, concurrency, rate) points against a ready target; write one document each
-    (after `annotate` has added what the caller concludes from it), unless `write` is off."""
+    (after `annotate` has added what the caller concludes from it), unless `write` is off, and
+    with `records` one JSONL line per measured request."""
     run = run_id()
     if write:
         check_writable(output_path(out, command, {}, len(points), run).parent)  # before anything is measured
@@ -213,27 +218,53 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
     chars = char_profile(workload) if lengths is None else None
     with progress_bar(console) as progress:
         for batch, concurrency, rate in points:
-            load = f"rate {rate:g}/s" if rate else f"concurrency {concurrency}"
+            load = "trace" if schedule else f"rate {rate:g}/s" if rate else f"concurrency {concurrency}"
             task = progress.add_task(f"{command} batch {batch} {load}", total=1.0)
             spec = load_spec(cfg, concurrency)
-            spec.rate = rate
+            spec.rate, spec.schedule = rate, schedule
             before = target.token_counts() if hasattr(target, "token_counts") else None
             started = time.time()
-            stats = asyncio.run(measure(target, workload, batch, spec, lambda f, t=task: progress.update(t, completed=f)))
+            measured: list[Record] = []
+            stats = asyncio.run(measure(target, workload, batch, spec, lambda f, t=task: progress.update(t, completed=f),
+                                        measured))
+            if cfg.experiment.goodput and measured:
+                stats["goodput"] = goodput(measured, parse_goodput(cfg.experiment.goodput), stats["summary"]["duration_s"])
+            if records is not None:
+                write_records(records, measured, batch, concurrency, rate, len(points))
             stats["load"].update(started_at=started, ended_at=time.time())  # wall clock: points from many nodes line up
             if before is not None:  # warm-up included: the same pairs' mix, so the same ratio
                 stats["padding"] = target.token_counts().since(before)
-            params = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate,
+            params = {"batch": batch, "concurrency": None if rate or schedule else concurrency, "rate": rate,
                       "workload": workload.source}
             doc = result_document(command, cfg, target, params, stats)
             doc["workload"] = {"source": workload.source, **({"sha256": workload.sha256} if workload.sha256 else {}),
                                **({"pair_tokens": lengths} if lengths is not None else {"pair_chars": chars})}
+            sent = [r.documents or r.pairs for r in measured if r.documents or r.pairs]
+            if workload.sizes is not None and sent:  # the sizes actually sent, not only the asked-for law
+                doc["workload"]["docs_per_request"] = {"spec": workload.sizes.spec, "mean": float(np.mean(sent)),
+                                                       **{f"p{q}": float(np.percentile(sent, q)) for q in (1, 50, 99)},
+                                                       "min": int(min(sent)), "max": int(max(sent))}
             if annotate:
                 annotate(doc)
             if write:
                 doc["_path"] = str(write_or_keep(output_path(out, command, doc["params"], len(points), run), doc))
             docs.append(doc)
     return docs
+
+
+def write_records(path: Path, measured: list[Record], batch: int, concurrency: int, rate: float | None,
+                  points: int) -> Path:
+    """One JSON line per measured request (times from the point's first send), appended, so a
+    run of several points leaves one file with a `point` field on every line."""
+    import json
+
+    origin = min((r.start for r in measured), default=0.0)
+    point = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in sorted(measured, key=lambda r: r.start):
+            f.write(json.dumps({**(({"point": point}) if points > 1 else {}), **r.line(origin)}) + "\n")
+    return path
 
 
 def run_bench(command: str, cfg: DictConfig, workload: Workload, out: Path | None = None,

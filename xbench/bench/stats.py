@@ -31,10 +31,30 @@ class Record:
     error: str | None = None
     tokens: int = 0
     retry_after_s: float | None = None  # a shed answer's Retry-After
+    documents: int = 0  # documents the request carried (`load`), scored or not
+    sent: float | None = None  # when it was actually sent (open loop: `start` is when it was due)
 
     @property
     def latency_s(self) -> float:
         return self.end - self.start
+
+    def metrics_ms(self) -> dict[str, float]:
+        """What a goodput bound or a record line reads: latency, each server stage, and the rest
+        (client, network and everything the stages do not cover), in milliseconds."""
+        out = {"latency_ms": self.latency_s * 1000}
+        if self.stages_s:
+            out.update({f"{k}_ms": v * 1000 for k, v in self.stages_s.items()})
+            if self.status is not None:  # over HTTP
+                out["rest_ms"] = max(0.0, self.latency_s - sum(self.stages_s.values())) * 1000
+        return out
+
+    def line(self, origin: float) -> dict:
+        """One line of `--records`: times in seconds from the run's start."""
+        return {"start_s": round(self.start - origin, 6), "end_s": round(self.end - origin, 6), "ok": self.ok,
+                "status": self.status, "documents": self.documents or self.pairs, "pairs": self.pairs,
+                "tokens": self.tokens,
+                **{k: round(v, 3) for k, v in self.metrics_ms().items()},
+                **({"error": self.error} if self.error else {})}
 
 
 def latency_summary(values_s: Sequence[float]) -> dict[str, float | None]:
@@ -139,6 +159,8 @@ def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
     duration = max(t1 - t0, 1e-9)
     pairs = sum(r.pairs for r in ok)
     stage_names = sorted({k for r in ok for k in r.stages_s})
+    # Over HTTP, what the server's timing headers leave out: the client, the network, the parsing.
+    rest = [r.metrics_ms()["rest_ms"] / 1000 for r in ok if r.stages_s and r.status is not None]
     rates = window_rates([r.end for r in ok], [r.pairs for r in ok], edges)
     statuses = Counter(str(r.status) for r in measured if r.status is not None)
     shed = statuses.get("429", 0)
@@ -155,7 +177,8 @@ def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
             **({"shed": shed, "shed_fraction": shed / len(measured) if measured else 0.0} if statuses else {}),
         },
         "latency_ms": latency_summary([r.latency_s for r in ok]),
-        "stages_ms": {s: latency_summary([r.stages_s[s] for r in ok if s in r.stages_s]) for s in stage_names},
+        "stages_ms": {**{s: latency_summary([r.stages_s[s] for r in ok if s in r.stages_s]) for s in stage_names},
+                      **({"rest": latency_summary(rest)} if rest else {})},
         "confidence": {
             "level": CONFIDENCE,
             "pairs_per_s": rate_interval(rates, np.diff(edges)),
@@ -172,3 +195,37 @@ def summarize(records: Sequence[Record], edges: Sequence[float]) -> dict:
         **({"http_status": dict(statuses)} if statuses else {}),
         **({"error_samples": dict(errors.most_common(5))} if errors else {}),
     }
+
+
+GOODPUT_METRICS = ("latency_ms", "queue_ms", "tokenize_ms", "infer_ms", "rest_ms")
+
+
+def parse_goodput(text: str) -> dict[str, float]:
+    """'latency_ms<=500,queue_ms<=100' -> {'latency_ms': 500.0, 'queue_ms': 100.0}: bounds every
+    request must meet at once to count as good."""
+    from xbench.errors import ConfigError
+
+    bounds = {}
+    for clause in filter(None, (c.strip() for c in text.split(","))):
+        metric, sep, value = clause.partition("<=")
+        metric = metric.strip()
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = -1.0
+        if not sep or metric not in GOODPUT_METRICS or bound < 0:
+            raise ConfigError(f"--goodput clause {clause!r}: write METRIC<=MILLISECONDS with METRIC one of "
+                              f"{', '.join(GOODPUT_METRICS)} (each request's own; a percentile is not a request's)")
+        bounds[metric] = bound
+    if not bounds:
+        raise ConfigError(f"--goodput {text!r}: no bound given, e.g. latency_ms<=500,queue_ms<=100")
+    return bounds
+
+
+def goodput(records: Sequence[Record], bounds: dict[str, float], duration_s: float) -> dict:
+    """The requests that succeeded and met every bound: their rate and share. A bound on a stage
+    the server did not report is not met (it cannot be shown to be)."""
+    good = sum(1 for r in records if r.ok and all(r.metrics_ms().get(k, float("inf")) <= v for k, v in bounds.items()))
+    return {"bounds": bounds, "good": good, "requests": len(records),
+            "requests_per_s": good / duration_s if duration_s > 0 else 0.0,
+            "fraction": good / len(records) if records else 0.0}

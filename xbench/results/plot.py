@@ -59,6 +59,36 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def plot_rates(by_rate: dict[str, list[tuple[float, dict]]], path: Path) -> Path:
+    """Open-loop points over offered rates (a `--ramp`'s steps): where latency turns up, and what
+    was served, met every goodput bound, or was shed at each rate."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for label, pts in by_rate.items():
+        xs = [x for x, _ in pts]
+        points = [d for _, d in pts]
+        for q, style in (("p50", "-"), ("p99", ":")):
+            _with_bars(ax2, xs, points, q, style, marker="o", label=f"{label} {q}")
+        ax1.plot(xs, [d["summary"]["requests_per_s"] for d in points], "-o", label=f"{label} answered 200")
+        if all("goodput" in d for d in points):
+            ax1.plot(xs, [d["goodput"]["requests_per_s"] for d in points], "--s", label=f"{label} goodput")
+        if any(d["summary"].get("shed") for d in points):
+            ax1.plot(xs, [d["summary"]["shed"] / d["summary"]["duration_s"] for d in points], ":x",
+                     label=f"{label} shed (429)")
+    top = max(x for pts in by_rate.values() for x, _ in pts)
+    ax1.plot([0, top], [0, top], color="gray", alpha=0.4, label="offered")
+    ax1.set(title="Served vs offered rate", xlabel="offered requests/s", ylabel="requests/s")
+    ax2.set(title="Latency vs offered rate", xlabel="offered requests/s", ylabel="latency (ms)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_ramp(docs: list[dict], path: Path) -> Path:
+    """The chart of a `--ramp`'s steps."""
+    return plot_rates(_lines(docs, "rate"), path)
+
+
 def plot_results(path: Path, out: Path) -> list[Path]:
     docs = in_order([d for d in read_results(path) if not d.get("error") and d.get("summary")])
     if not docs:
@@ -80,6 +110,10 @@ def plot_results(path: Path, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         written.append(_save(fig, out / "concurrency.png"))
+
+    by_rate = _lines(docs, "rate")
+    if by_rate:
+        written.append(plot_rates(by_rate, out / "rate.png"))
 
     by_batch = _lines(docs, "batch")
     if by_batch:

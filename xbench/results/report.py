@@ -75,11 +75,15 @@ def configuration(doc: dict[str, Any], drop: str = "", workers: bool = False) ->
     recipe = doc.get("model", {}).get("scoring", {}).get("recipe")
     if recipe and recipe != "classifier":  # an LLM reranker: the recipe is part of what ran
         parts.append(recipe)
-    load = f"rate {p['rate']:g}/s" if p.get("rate") else f"c{p.get('concurrency')}"
-    parts.append(" ".join(part for axis, part in (("batch", f"b{p.get('batch')}"), ("concurrency", load))
-                          if axis != drop))
-    if "lengths=" in str(p.get("workload", "")):  # a synthetic mix other than msmarco
-        parts.append(str(p["workload"]).split("lengths=")[1].rstrip(")"))
+    mode = doc.get("load", {}).get("mode")
+    load = "trace" if mode == "trace" else f"rate {p['rate']:g}/s" if p.get("rate") else f"c{p.get('concurrency')}"
+    load_axis = "rate" if p.get("rate") else "concurrency"
+    parts.append(" ".join(part for axis, part in (("batch", f"b{p.get('batch')}"), (load_axis, load)) if axis != drop))
+    workload = str(p.get("workload", ""))
+    if "lengths=" in workload:  # a synthetic mix other than msmarco
+        parts.append(workload.split("lengths=")[1].split(")")[0])
+    if workload.endswith(" documents a request"):  # request sizes from a distribution
+        parts.append(workload.rsplit(", ", 1)[1].replace(" documents a request", " docs"))
     parts += [f"{key.rsplit('.', 1)[-1]}={_text(value)}" for key, value in grid_values(doc).items()
               if key not in SHOWN_AXES]
     if workers and p.get("tokenizer_workers") is not None and command != "infer-bench":
@@ -306,6 +310,30 @@ def render_table(docs: Sequence[dict[str, Any]], title: str | None = None) -> Ta
         table.add_column(col, justify="right" if numeric else "left")
     for cells in rows:
         table.add_row(*cells)
+    return table
+
+
+STAGES = ("queue", "tokenize", "infer", "rest")
+
+
+def stages_table(docs: Sequence[dict[str, Any]], title: str | None = None) -> Table | None:
+    """Where the time went: p50 / p99 of each stage the server reported (its timing headers, or
+    the pipeline's own clock in process) and of the rest (client, network, what no stage covers).
+    None when no point has stages: a column the server did not report is absent, never zero."""
+    docs = in_order(docs)
+    stages = [s for s in STAGES if any(s in d.get("stages_ms", {}) for d in docs)]
+    if not stages:
+        return None
+    table = Table(title=title, header_style="bold", title_justify="left")
+    table.add_column("Configuration")
+    for stage in ["latency", *stages]:
+        table.add_column(f"{stage} p50 / p99", justify="right")
+    for d in docs:
+        cells = [f"{_ms(d.get('latency_ms', {}).get('p50'))} / {_ms(d.get('latency_ms', {}).get('p99'))}"]
+        for stage in stages:
+            st = d.get("stages_ms", {}).get(stage)
+            cells.append(f"{_ms(st.get('p50'))} / {_ms(st.get('p99'))}" if st else "-")
+        table.add_row(configuration(d), *cells)
     return table
 
 

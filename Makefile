@@ -6,8 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,mlx,baseline,ctranslate2,ray,standins
 
 INFINITY_VENV ?= .venv-infinity
+AIPERF_VENV ?= .venv-aiperf
 
-.PHONY: install infinity demo study test test-slow bench clean
+.PHONY: install infinity aiperf demo study test test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +28,16 @@ $(INFINITY_VENV)/.installed:
 	$(INFINITY_VENV)/bin/pip install -q --upgrade pip
 	$(INFINITY_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(INFINITY_VENV)/bin/pip install -q "infinity-emb[server,torch]==0.0.78"
+	touch $@
+
+# NVIDIA AIPerf, an independent load tool (its cohere-rankings endpoint), for tests/test_aiperf.py
+# and benchmarks/agree.py. Its own virtualenv: its pins differ from ours.
+aiperf: $(AIPERF_VENV)/.installed
+
+$(AIPERF_VENV)/.installed:
+	test -x $(AIPERF_VENV)/bin/python || python3 -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q --upgrade pip
+	$(AIPERF_VENV)/bin/pip install -q "aiperf==0.13.0"
 	touch $@
 
 # A short sweep over tokenizer, model and pipeline on the embedded default model,
@@ -57,4 +68,4 @@ bench: install
 	$(PY) benchmarks/launches.py
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) results plots outputs multirun
+	rm -rf $(VENV) $(INFINITY_VENV) $(AIPERF_VENV) results plots outputs multirun

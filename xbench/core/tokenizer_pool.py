@@ -338,12 +338,18 @@ class TemplateLayout:
             by_query.setdefault(q, []).append(i)
         groups = [self.layout.join(query_ids[q], [documents[i] for i in rows], budget, direction)
                   for q, rows in by_query.items()]
-        if len(groups) == 1:
-            return dataclasses.replace(groups[0], tokenize_s=time.perf_counter() - t0)
-        together = Encoded(np.concatenate([g.flat_ids for g in groups]), np.concatenate([g.flat_types for g in groups]),
-                           np.concatenate([g.lengths for g in groups]), truncated=sum(g.truncated for g in groups))
-        in_pair_order = together.take(np.argsort(np.concatenate(list(by_query.values())), kind="stable"))
-        return dataclasses.replace(in_pair_order, tokenize_s=time.perf_counter() - t0)
+        return in_pair_order(groups, by_query, t0)
+
+
+def in_pair_order(groups: list[Encoded], by_query: dict[str, list[int]], t0: float) -> Encoded:
+    """The pairs of each query's group (`by_query`: the pair indices of each) back in the pairs'
+    own order, timed from `t0`."""
+    if len(groups) == 1:  # one query: its documents are the pairs, in order
+        return dataclasses.replace(groups[0], tokenize_s=time.perf_counter() - t0)
+    together = Encoded(np.concatenate([g.flat_ids for g in groups]), np.concatenate([g.flat_types for g in groups]),
+                       np.concatenate([g.lengths for g in groups]), truncated=sum(g.truncated for g in groups))
+    ordered = together.take(np.argsort(np.concatenate(list(by_query.values())), kind="stable"))
+    return dataclasses.replace(ordered, tokenize_s=time.perf_counter() - t0)
 
 
 def bos_token(model_dir: Path) -> str | None:
@@ -389,12 +395,7 @@ def _encode(tokenizer: TextTokenizer, pairs: list[Pair], layout: PairLayout | Te
     if joined:
         groups = [layout.join(np.asarray(query_encodings[q].ids, dtype=np.int32), [documents[i] for i in rows],
                               budget, direction) for q, rows in by_query.items()]
-        if len(groups) == 1:  # one query: its documents are the pairs, in order
-            return dataclasses.replace(groups[0], tokenize_s=time.perf_counter() - t0)
-        together = Encoded(np.concatenate([g.flat_ids for g in groups]), np.concatenate([g.flat_types for g in groups]),
-                           np.concatenate([g.lengths for g in groups]), truncated=sum(g.truncated for g in groups))
-        in_pair_order = together.take(np.argsort(np.concatenate(list(by_query.values())), kind="stable"))
-        return dataclasses.replace(in_pair_order, tokenize_s=time.perf_counter() - t0)
+        return in_pair_order(groups, by_query, t0)
     ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
     type_ids: list[np.ndarray] = [None] * len(pairs)  # type: ignore[list-item]
     truncated = 0

@@ -1,4 +1,8 @@
-"""Benchmark: an LLM reranker through xbench against the plain transformers recipe, same pairs.
+"""Benchmark: a reranker family through xbench against what a user runs instead, same pairs.
+
+--family qwen3 (an LLM reranker against the plain transformers recipe) or modernbert (the
+ModernBERT-base stand-in against sentence-transformers' CrossEncoder on the same folder, given the
+same threads and its input sorted by length).
 
 On the Qwen3-Reranker-0.6B stand-in (`xbench/qwen3-reranker-0.6b-seeded`; or --model for any
 folder with a label-logits recipe), for each workload (MS MARCO-shaped and long-tailed), rounds
@@ -37,7 +41,7 @@ from xbench.core.pipeline import Pipeline
 from xbench.models import resolve_instance
 from xbench.recipes import QWEN3
 from xbench.results.store import environment, write_json
-from xbench.standins import QWEN3_STANDIN
+from xbench.standins import MODERNBERT_STANDIN, QWEN3_STANDIN
 from xbench.workload import make_workload
 
 console = Console(width=150)
@@ -75,6 +79,27 @@ class Reference:
         return out
 
 
+class SentenceTransformersCrossEncoder:
+    """sentence-transformers' CrossEncoder on the model folder: raw logits, batches of --batch over
+    the pairs sorted by length (the fair chance xbench's batcher gets), in the caller's order."""
+
+    def __init__(self, model_dir: Path, max_length: int, batch: int):
+        from sentence_transformers import CrossEncoder
+
+        self.model = CrossEncoder(str(model_dir), max_length=max_length, device="cpu")
+        self.batch = batch
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        import torch.nn
+
+        order = np.argsort([len(q) + len(d) for q, d in pairs], kind="stable")
+        scores = self.model.predict([pairs[i] for i in order], batch_size=self.batch, activation_fn=torch.nn.Identity(),
+                                    show_progress_bar=False)
+        out = np.empty(len(pairs), dtype=np.float32)
+        out[order] = np.asarray(scores, dtype=np.float32).reshape(len(pairs))
+        return out
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -87,7 +112,9 @@ def xbench_scores(pipe: Pipeline, pairs: list[tuple[str, str]], batch: int) -> n
 
 
 def main(
-    model: str = typer.Option(QWEN3_STANDIN, help="A label-logits reranker (the stand-in by default)."),
+    family: str = typer.Option("qwen3", help="qwen3 (against the transformers recipe) or modernbert (against "
+                                             "sentence-transformers' CrossEncoder)."),
+    model: Optional[str] = typer.Option(None, help="The model (default: the family's stand-in)."),
     pairs: int = typer.Option(64, help="Pairs per workload."),
     batch: int = typer.Option(32, help="Documents a request (xbench) and pairs a batch (reference)."),
     rounds: int = typer.Option(2),
@@ -98,18 +125,26 @@ def main(
     reference_precision: str = typer.Option("fp32", help="The reference's dtype (fp16 or bf16 on a GPU)."),
     out: Path = typer.Option(Path("results/benchmarks/families.json"), "--out", "-o"),
 ) -> None:
+    if family not in ("qwen3", "modernbert"):
+        raise typer.BadParameter(f"{family!r}: choose qwen3 or modernbert", param_hint="--family")
+    model = model or (QWEN3_STANDIN if family == "qwen3" else MODERNBERT_STANDIN)
     base = [f"model_pool.instances.0.name={model}", f"model_pool.instances.0.max_length={max_length}",
             f"model_pool.instances.0.device={device}"]
     resolved = resolve_instance(compose_config(base).model_pool.instances[0])
-    reference = Reference(resolved.path, max_length, batch, device, reference_precision)
-    paths = {"xbench fp32": base, "xbench fp32, prefix not shared": [*base, "model_pool.instances.0.shared_prefix=false"]}
+    if family == "qwen3":
+        reference = Reference(resolved.path, max_length, batch, device, reference_precision)
+        paths = {"xbench fp32": base, "xbench fp32, prefix not shared": [*base, "model_pool.instances.0.shared_prefix=false"]}
+    else:
+        reference = SentenceTransformersCrossEncoder(resolved.path, max_length, batch)
+        paths = {"xbench fp32": base}
     if precision:
         paths[f"xbench {precision}"] = [*base, f"model_pool.instances.0.quantization={precision}"]
     pipes = {}
     with console.status("loading the pipelines ..."):
         for name, overrides in paths.items():
             pipes[name] = Pipeline.from_config(compose_config(overrides)).start()
-    report: dict = {"env": environment(), "model": resolved.info(), "batch": batch, "pairs": pairs, "workloads": {}}
+    report: dict = {"env": environment(), "model": resolved.info(), "family": family, "batch": batch, "pairs": pairs,
+                    "workloads": {}}
     try:
         for lengths in ("msmarco", "longtail"):
             cfg = compose_config([*base, f"workload.lengths={lengths}"])
@@ -138,7 +173,8 @@ def main(
         for p in pipes.values():
             p.close()
 
-    table = Table(title=f"{model}: xbench against the transformers recipe, {pairs} pairs, batch {batch}")
+    against = "the transformers recipe" if family == "qwen3" else "sentence-transformers' CrossEncoder"
+    table = Table(title=f"{model}: xbench against {against} (the reference row), {pairs} pairs, batch {batch}")
     for col in ("workload", "path", "pairs/s per round", "× reference (per round)", "Spearman vs reference",
                 "max |Δ score|"):
         table.add_column(col, justify="left" if col in ("workload", "path") else "right")

@@ -150,6 +150,13 @@ def test_goodput_and_records_against_a_real_server(tmp_path, tiny_model):
     assert sorted(line["documents"] for line in lines) != [lines[0]["documents"]] * 30  # sizes vary
     assert set(doc["stages_ms"]) >= {"queue", "tokenize", "infer", "rest"}
     assert "where the time went" in result.stdout
+    # The records are enough to measure the run again, elsewhere.
+    again = subprocess.run([sys.executable, "-m", "xbench", "report", str(records), "-f", "json"], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    row = json.loads(again.stdout)[0]
+    assert row["requests"] == 30 and row["p50_ms"] == pytest.approx(doc["latency_ms"]["p50"], abs=0.01)  # µs-rounded times
+    assert row["concurrency"] == 2
 
 
 def test_a_trace_replays_at_its_own_times(tmp_path, tiny_model):

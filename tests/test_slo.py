@@ -56,3 +56,39 @@ def test_a_noisy_boundary_ends_within_the_probe_budget_on_a_rate_that_met():
         assert len(search.tried) <= MAX_PROBES
         assert search.best in {r for r, met in search.tried if met}
         assert 30.0 <= search.best <= 80.0
+
+
+def test_the_search_can_hold_a_goodput_share():
+    from xbench.bench.slo import parse_slo
+    from xbench.errors import ConfigError
+
+    assert parse_slo("goodput=0.99") == ("goodput", 0.99) and parse_slo("p99_ms=500") == ("p99", 500.0)
+    for bad in ("goodput=1.5", "goodput=0", "goodput=most"):
+        with pytest.raises(ConfigError, match="goodput=F"):
+            parse_slo(bad)
+
+
+@pytest.mark.slow
+def test_a_goodput_search_against_a_real_server(tmp_path, tiny_model):
+    import json
+    import subprocess
+    import sys
+
+    from xbench.serve.process import start_server
+
+    s = start_server([f"model_pool.instances.0.name={tiny_model}"])
+    try:
+        without = subprocess.run([sys.executable, "-m", "xbench", "load", s.url, "--slo", "goodput=0.9"],
+                                 capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        result = subprocess.run([sys.executable, "-m", "xbench", "load", s.url, "-b", "8", "-c", "2", "-d", "2",
+                                 "--warmup", "0.5", "--slo", "goodput=0.9", "--goodput", "latency_ms<=60000",
+                                 "-o", str(tmp_path / "slo")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    finally:
+        s.stop()
+    assert without.returncode == 2 and "--goodput" in without.stderr
+    assert result.returncode == 0, result.stderr
+    docs = [json.loads(p.read_text()) for p in (tmp_path / "slo").glob("*.json")]
+    probes = [d for d in docs if d["params"]["rate"]]
+    assert probes and all(d["slo"]["metric"] == "goodput" and d["slo"]["bound"] == 0.9 for d in probes)
+    assert all(d["slo"]["met"] == (d["goodput"]["fraction"] >= 0.9) for d in probes)
+    assert "highest rate meeting goodput=0.9" in result.stdout

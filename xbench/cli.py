@@ -230,8 +230,11 @@ def load_command(
                           *([f"experiment.burstiness={burstiness}"] if burstiness is not None else []),
                           *([f"experiment.goodput='{goodput_bounds}'"] if goodput_bounds else [])])
     if records is not None:
+        from xbench.errors import require
         from xbench.results.store import check_writable
 
+        if records.suffix == ".parquet":
+            require(f"--records {records.name}", ["pyarrow"], "pip install pyarrow (or write .jsonl)")
         check_writable(records.parent)
     schedule = None
     if trace is not None:
@@ -256,7 +259,7 @@ def load_command(
         docs, search = slo_search("load", cfg, target, workload, int(cfg.experiment.batch_sizes[0]), slo, out, err_console)
     else:
         if records is not None:
-            records.write_text("")  # this run's requests only
+            records.unlink(missing_ok=True)  # this run's requests only
         as_sent = round(sum(map(len, workload.documents)) / len(workload.documents))  # the mean, to label it
         if schedule:
             points = [(as_sent, 1, None)]

@@ -8,6 +8,12 @@ machine gets the same model). Their scores are not relevance-trained; results sa
   shipped in the PyPI package dashscope (`resources/qwen.tiktoken`, the vocabulary Qwen2 and Qwen3
   share) with Qwen3's 26 special tokens after them and Qwen2's pre-tokenizer, so prompts cost the
   tokens they cost the real model.
+- `xbench/modernbert-base-seeded`: ModernBERT-base's configuration (22 layers, hidden 768, 12 heads,
+  local attention of 128 tokens in two layers of three) as a one-logit
+  ModernBertForSequenceClassification, the shape of gte-reranker-modernbert-base. No PyPI package
+  ships ModernBERT's own BPE, so its tokenizer is a stated stand-in: the default model's BERT
+  WordPiece (30,522 entries, about as many tokens per English word); the embedding table is sized
+  to it, which leaves the encoder's cost per token unchanged.
 """
 
 from __future__ import annotations
@@ -111,8 +117,57 @@ def write_qwen3_standin(out: Path) -> None:
                                                        "tokenizer": "Qwen BPE from dashscope's qwen.tiktoken"}, indent=2))
 
 
+MODERNBERT_STANDIN = "xbench/modernbert-base-seeded"
+MODERNBERT_BASE = {
+    "hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12,
+    "global_attn_every_n_layers": 3, "local_attention": 128, "max_position_embeddings": 8192,
+    "global_rope_theta": 160000.0, "local_rope_theta": 10000.0, "hidden_activation": "gelu",
+    "num_labels": 1,
+}
+
+
+def seed_every_tensor(model, seed: int) -> None:
+    """Overwrite a model's every tensor, in name order, from one PCG64 stream: matrices N(0, 0.02),
+    norm scales one, biases zero, so the weights are the same on every machine and torch version."""
+    import numpy as np
+    import torch
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if tensor.dim() >= 2:
+                tensor.copy_(torch.from_numpy(rng.standard_normal(tuple(tensor.shape), dtype=np.float32) * WEIGHT_STD))
+            elif name.endswith("bias"):
+                tensor.zero_()
+            else:
+                tensor.fill_(1.0)
+
+
+def write_modernbert_standin(out: Path) -> None:
+    import torch
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from xbench.models import materialize_default
+
+    bert = materialize_default()
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (bert / name).is_file():
+            shutil.copy(bert / name, out / name)
+    config = ModernBertConfig(vocab_size=30522, pad_token_id=0, cls_token_id=101, sep_token_id=102, bos_token_id=101,
+                              eos_token_id=102, **MODERNBERT_BASE)
+    model = ModernBertForSequenceClassification(config).eval()
+    seed_every_tensor(model, STANDIN_SEED)
+    model.save_pretrained(out, safe_serialization=True)
+    note = (f"ModernBERT-base's architecture (22 layers, hidden 768, 12 heads, local attention 128) as a one-logit "
+            f"classifier, weights drawn from seed {STANDIN_SEED}; tokenizer: BERT's WordPiece (a stated stand-in for "
+            "ModernBERT's BPE). Speed figures transfer; its scores are not relevance-trained.")
+    (out / "xbench_model.json").write_text(json.dumps({"relevance_trained": False, "seed": STANDIN_SEED, "note": note,
+                                                       "tokenizer": "BERT WordPiece (stand-in)"}, indent=2))
+
+
 STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     QWEN3_STANDIN: ("qwen3-reranker-0.6b-seeded-v1", write_qwen3_standin),
+    MODERNBERT_STANDIN: ("modernbert-base-seeded-v1", write_modernbert_standin),
 }
 
 

@@ -230,7 +230,7 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             if cfg.experiment.goodput and measured:
                 stats["goodput"] = goodput(measured, parse_goodput(cfg.experiment.goodput), stats["summary"]["duration_s"])
             if records is not None:
-                write_records(records, measured, batch, concurrency, rate, len(points))
+                write_records(records, measured, batch, concurrency, rate)
             stats["load"].update(started_at=started, ended_at=time.time())  # wall clock: points from many nodes line up
             if before is not None:  # warm-up included: the same pairs' mix, so the same ratio
                 stats["padding"] = target.token_counts().since(before)
@@ -239,6 +239,10 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             doc = result_document(command, cfg, target, params, stats)
             doc["workload"] = {"source": workload.source, **({"sha256": workload.sha256} if workload.sha256 else {}),
                                **({"pair_tokens": lengths} if lengths is not None else {"pair_chars": chars})}
+            per_doc = [r.tokens / r.documents for r in measured if r.ok and r.tokens and r.documents]
+            if per_doc:  # what the server counted (x-compute-tokens) for what was sent
+                doc["workload"]["tokens_per_document"] = {"mean": float(np.mean(per_doc)),
+                                                          **{f"p{q}": float(np.percentile(per_doc, q)) for q in (1, 50, 99)}}
             sent = [r.documents or r.pairs for r in measured if r.documents or r.pairs]
             if workload.sizes is not None and sent:  # the sizes actually sent, not only the asked-for law
                 doc["workload"]["docs_per_request"] = {"spec": workload.sizes.spec, "mean": float(np.mean(sent)),
@@ -252,18 +256,28 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
     return docs
 
 
-def write_records(path: Path, measured: list[Record], batch: int, concurrency: int, rate: float | None,
-                  points: int) -> Path:
-    """One JSON line per measured request (times from the point's first send), appended, so a
-    run of several points leaves one file with a `point` field on every line."""
+def write_records(path: Path, measured: list[Record], batch: int, concurrency: int, rate: float | None) -> Path:
+    """One line per measured request (times from the point's first send, the point it belongs
+    to), added to `path`, so a run of several points leaves one file: JSON lines, or a Parquet
+    table for a `.parquet` path (with pyarrow)."""
     import json
 
     origin = min((r.start for r in measured), default=0.0)
     point = {"batch": batch, "concurrency": None if rate else concurrency, "rate": rate}
+    lines = [{"point": point, **r.line(origin)} for r in sorted(measured, key=lambda r: r.start)]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{**line, "point": json.dumps(line["point"])} for line in lines]
+        if path.is_file() and path.stat().st_size:
+            rows = pq.read_table(path).to_pylist() + rows
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
     with path.open("a") as f:
-        for r in sorted(measured, key=lambda r: r.start):
-            f.write(json.dumps({**(({"point": point}) if points > 1 else {}), **r.line(origin)}) + "\n")
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
     return path
 
 

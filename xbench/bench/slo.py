@@ -1,6 +1,8 @@
-"""Capacity search: the highest open-loop rate whose latency percentile stays under a bound.
+"""Capacity search: the highest open-loop rate whose latency percentile stays under a bound, or
+whose goodput share stays above one.
 
-`xbench load --slo p99_ms=500` measures the closed-loop capacity, then searches open-loop rates
+`xbench load --slo p99_ms=500` (or `--slo goodput=0.99 --goodput "latency_ms<=500,queue_ms<=100"`:
+at least 99% of requests meet every bound at once) measures the closed-loop capacity, then searches open-loop rates
 (`search_rate`): it brackets downward from half the capacity, halving until a rate meets the
 bound (or the rate falls below 1/64 of capacity: no rate meets it), then bisects between the
 highest rate that met the bound and the lowest above it that did not, until the two are within
@@ -31,11 +33,20 @@ MAX_PROBES = 12
 
 
 def parse_slo(text: str) -> tuple[str, float]:
-    """`p99_ms=500` -> ("p99", 500.0)."""
+    """`p99_ms=500` -> ("p99", 500.0); `goodput=0.99` -> ("goodput", 0.99)."""
     key, _, value = text.partition("=")
+    if key == "goodput":
+        try:
+            share = float(value)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ConfigError(f"--slo {text!r}: goodput=F needs a share F in (0, 1], e.g. goodput=0.99")
+        return "goodput", share
     metric = key.removesuffix("_ms")
     if metric not in ("p50", "p90", "p95", "p99", "p99_9", "mean", "max") or not value:
-        raise ConfigError(f"--slo {text!r}: expected METRIC_ms=N with METRIC one of p50, p90, p95, p99, p99_9, mean, max")
+        raise ConfigError(f"--slo {text!r}: expected METRIC_ms=N with METRIC one of p50, p90, p95, p99, p99_9, mean, "
+                          f"max, or goodput=F (with --goodput)")
     try:
         bound = float(value)
     except ValueError:
@@ -87,6 +98,10 @@ def slo_search(command: str, cfg: DictConfig, target: Any, workload: Workload, b
     """Measure closed-loop capacity, then search open-loop rates below it. Returns every
     measured document and the search (its `best` is None when no rate met the bound)."""
     metric, bound = parse_slo(slo)
+    if metric == "goodput" and not cfg.experiment.goodput:
+        raise ConfigError(f"--slo {slo}: give the bounds a good request meets with --goodput, "
+                          f"e.g. --goodput \"latency_ms<=500\"")
+    bound_key = "bound" if metric == "goodput" else "bound_ms"  # a share, or milliseconds
     concurrency = int(cfg.experiment.concurrency_levels[0])
     docs = run_points(command, cfg, target, workload, [(batch, concurrency, None)], out, console)
     capacity = docs[0]["summary"]["requests_per_s"]
@@ -94,12 +109,14 @@ def slo_search(command: str, cfg: DictConfig, target: Any, workload: Workload, b
         return docs, RateSearch()
 
     def verdict(doc: dict) -> bool:
+        if metric == "goodput":
+            return doc.get("goodput", {}).get("fraction", 0.0) >= bound
         value = doc["latency_ms"].get(metric)
         return value is not None and value <= bound and doc["summary"]["errors"] == 0
 
     def meets(rate: float) -> bool:
         def annotate(doc: dict) -> None:
-            doc["slo"] = {"metric": metric, "bound_ms": bound, "met": verdict(doc)}
+            doc["slo"] = {"metric": metric, bound_key: bound, "met": verdict(doc)}
 
         doc = run_points(command, cfg, target, workload, [(batch, concurrency, round(rate, 3))], out, console,
                          annotate=annotate)[0]
@@ -111,6 +128,6 @@ def slo_search(command: str, cfg: DictConfig, target: Any, workload: Workload, b
     outcome = {"best_rate": search.best, "capacity": capacity,
                "tried": [{"rate": round(r, 3), "met": m} for r, m in search.tried]}
     for doc in docs:
-        doc["slo"] = {"metric": metric, "bound_ms": bound, **doc.get("slo", {"met": None}), **outcome}
+        doc["slo"] = {"metric": metric, bound_key: bound, **doc.get("slo", {"met": None}), **outcome}
         write_or_keep(Path(doc["_path"]), {k: v for k, v in doc.items() if k != "_path"})
     return docs, search

@@ -7,6 +7,7 @@ The one place where numbers are computed from raw request records, for every com
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -47,6 +48,15 @@ class Record:
             if self.status is not None:  # over HTTP
                 out["rest_ms"] = max(0.0, self.latency_s - sum(self.stages_s.values())) * 1000
         return out
+
+    @classmethod
+    def from_line(cls, line: dict) -> "Record":
+        """A `--records` line back as a record (times from the run's start)."""
+        stages = {k[:-3]: v / 1000 for k, v in line.items()
+                  if k.endswith("_ms") and k not in ("latency_ms", "rest_ms") and isinstance(v, (int, float))}
+        return cls(float(line["start_s"]), float(line["end_s"]), int(line.get("pairs", 0)), ok=bool(line.get("ok")),
+                   stages_s=stages, status=line.get("status"), error=line.get("error"),
+                   tokens=int(line.get("tokens", 0)), documents=int(line.get("documents", 0)))
 
     def line(self, origin: float) -> dict:
         """One line of `--records`: times in seconds from the run's start."""
@@ -229,3 +239,17 @@ def goodput(records: Sequence[Record], bounds: dict[str, float], duration_s: flo
     return {"bounds": bounds, "good": good, "requests": len(records),
             "requests_per_s": good / duration_s if duration_s > 0 else 0.0,
             "fraction": good / len(records) if records else 0.0}
+
+
+def rebuild(lines: Sequence[dict], windows: int = 5) -> list[dict]:
+    """Result blocks (summary, latency, stages, intervals) recomputed from `--records` lines, one
+    per point the lines name (a run of several points tags each line with its `point`)."""
+    points: dict[str, list[dict]] = {}
+    for line in lines:
+        points.setdefault(json.dumps(line.get("point") or {}, sort_keys=True), []).append(line)
+    out = []
+    for key, group in points.items():
+        records = [Record.from_line(line) for line in group]
+        edges = even_edges(min(r.start for r in records), max(r.end for r in records), windows)
+        out.append({"point": json.loads(key), **summarize(records, edges)})
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import xbench
-from xbench.errors import XbenchError
+from xbench.errors import DataError, XbenchError
 from xbench.env import machine
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,11 @@ def _jsonable(x: Any) -> Any:
 
 def read_results(path: str | Path) -> list[dict]:
     """Every result document in a file or below a folder (by file name order). A study folder
-    of `xbench sweep --all` lists its run folders in runs.json; those are read too."""
+    of `xbench sweep --all` lists its run folders in runs.json; those are read too. A `--records`
+    file (JSONL) is rebuilt into its points' documents from its requests."""
     p = Path(path)
+    if p.suffix == ".jsonl" and p.is_file():
+        return rebuilt_from_records(p)
     files = sorted(p.rglob("*.json")) if p.is_dir() else [p]
     if p.is_dir() and (p / "runs.json").is_file():
         files += sorted(f for run in json.loads((p / "runs.json").read_text()) for f in Path(run).rglob("*.json"))
@@ -105,6 +108,26 @@ def read_results(path: str | Path) -> list[dict]:
         if isinstance(doc, dict) and doc.get("schema_version") == SCHEMA_VERSION and "command" in doc:
             doc["_path"] = str(f)
             docs.append(doc)
+    return docs
+
+
+def rebuilt_from_records(path: Path) -> list[dict]:
+    """`xbench load --records` lines, measured again: the statistics of each point, recomputed."""
+    from xbench.bench.stats import rebuild
+
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a --records file ({exc})") from None
+    if not lines or not all(isinstance(x, dict) and {"start_s", "end_s"} <= set(x) for x in lines):
+        raise DataError(f"{path}: not a --records file (each line needs start_s and end_s)")
+    docs = []
+    for block in rebuild(lines):
+        point = block.pop("point")
+        docs.append({"schema_version": SCHEMA_VERSION, "command": "load", "experiment": "records",
+                     "params": {"batch": point.get("batch"), "concurrency": point.get("concurrency"),
+                                "rate": point.get("rate"), "workload": f"records {path.name}"},
+                     "rebuilt_from": str(path), **block, "_path": str(path)})
     return docs
 
 

@@ -43,7 +43,9 @@ from xbench.errors import ErrorKind, ServiceError
 from xbench.serve.metrics import Metrics
 
 MIN_SHEDDING_S = 1.0  # shedding lasts at least this long after the last shed request
-STRETCH_SMOOTHING = 0.25  # weight of the newest answered request in the stretch's average
+# The stretch follows the slower requests: it rises fast and falls slowly, so it sits near the
+# upper end of what requests take rather than at their mean (the bound is on every request).
+STRETCH_RISE, STRETCH_FALL = 0.3, 0.05
 MIN_LEARNING_WAIT = 0.25  # a request teaches the stretch when its estimate was this share of the bound
 
 
@@ -100,7 +102,9 @@ class Admission:
 
     def _learn(self, estimate: float, in_server: float) -> None:
         if self.max_queue_wait_s and estimate >= MIN_LEARNING_WAIT * self.max_queue_wait_s:
-            self.stretch = max(1.0, self.stretch + STRETCH_SMOOTHING * (in_server / estimate - self.stretch))
+            sample = in_server / estimate
+            weight = STRETCH_RISE if sample > self.stretch else STRETCH_FALL
+            self.stretch = max(1.0, self.stretch + weight * (sample - self.stretch))
 
     def _keeps_pace(self) -> bool:
         """Would admitting one more keep the in-flight count where the server's clients hold it?"""

@@ -6,8 +6,9 @@ The target is an async `send(i)` that performs request i and returns a `Sent`.
 
 Closed loop: each client sends its next request when the last returns; latency is timed
 from the send. Open loop: requests are scheduled at Poisson (or gamma, `burstiness`) arrival
-times whatever the target does, and latency is timed from the *scheduled* time, so a stalled target cannot
-hide its queueing behind slow responses (coordinated omission).
+times whatever the target does, and latency is timed from the *scheduled* time, so a stalled
+target cannot hide its queueing behind slow responses (coordinated omission). A trace replays
+recorded send times the same way.
 
 A point is measured until it converges (`Windows`), as perf_analyzer measures: after the
 warm-up, windows close on completions once they are both long enough and hold enough requests;
@@ -306,7 +307,8 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
         task = asyncio.create_task(_timed(send, i, scheduled))
         task.add_done_callback(finished)
         tasks.append(task)
-        scheduled += float(rng.gamma(spec.burstiness, 1.0 / (spec.rate * spec.burstiness)))
+        scheduled += float(rng.exponential(1.0 / spec.rate) if spec.burstiness == 1.0  # the same Poisson stream
+                           else rng.gamma(spec.burstiness, 1.0 / (spec.rate * spec.burstiness)))
     stop_at = max(windows.edges[-1], min(time.perf_counter(), limit_at))  # the schedule's end
     done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s) if tasks else (set(), set())
     for t in pending:

@@ -239,21 +239,30 @@ def run_points(command: str, cfg: DictConfig, target: Any, workload: Workload,
             doc = result_document(command, cfg, target, params, stats)
             doc["workload"] = {"source": workload.source, **({"sha256": workload.sha256} if workload.sha256 else {}),
                                **({"pair_tokens": lengths} if lengths is not None else {"pair_chars": chars})}
-            per_doc = [r.tokens / r.documents for r in measured if r.ok and r.tokens and r.documents]
-            if per_doc:  # what the server counted (x-compute-tokens) for what was sent
-                doc["workload"]["tokens_per_document"] = {"mean": float(np.mean(per_doc)),
-                                                          **{f"p{q}": float(np.percentile(per_doc, q)) for q in (1, 50, 99)}}
-            sent = [r.documents or r.pairs for r in measured if r.documents or r.pairs]
-            if workload.sizes is not None and sent:  # the sizes actually sent, not only the asked-for law
-                doc["workload"]["docs_per_request"] = {"spec": workload.sizes.spec, "mean": float(np.mean(sent)),
-                                                       **{f"p{q}": float(np.percentile(sent, q)) for q in (1, 50, 99)},
-                                                       "min": int(min(sent)), "max": int(max(sent))}
+            doc["workload"].update(sent_profile(measured, workload))
             if annotate:
                 annotate(doc)
             if write:
                 doc["_path"] = str(write_or_keep(output_path(out, command, doc["params"], len(points), run), doc))
             docs.append(doc)
     return docs
+
+
+def sent_profile(measured: list[Record], workload: Workload) -> dict:
+    """What was actually sent, beside what was asked for: documents per request (when drawn from a
+    distribution) and the tokens per document the server counted (its x-compute-tokens)."""
+    def described(values: list[float]) -> dict:
+        return {"mean": float(np.mean(values)), **{f"p{q}": float(np.percentile(values, q)) for q in (1, 50, 99)},
+                "min": min(values), "max": max(values)}
+
+    out = {}
+    per_doc = [r.tokens / r.documents for r in measured if r.ok and r.tokens and r.documents]
+    if per_doc:
+        out["tokens_per_document"] = described(per_doc)
+    sent = [r.documents or r.pairs for r in measured if r.documents or r.pairs]
+    if workload.sizes is not None and sent:
+        out["docs_per_request"] = {"spec": workload.sizes.spec, **described(sent)}
+    return out
 
 
 def write_records(path: Path, measured: list[Record], batch: int, concurrency: int, rate: float | None) -> Path:

@@ -304,3 +304,34 @@ def test_int8_keeps_each_familys_last_layer_and_heads_in_fp32(modernbert, decode
     assert any(".layers.0." in n for n in encoder)
     decoder = quantizable_linears(LabelScorer(load_causal_lm(str(decoders["qwen3-reranker"])), (1, 2)))
     assert decoder and not any(".layers.1." in n for n in decoder) and any(".layers.0." in n for n in decoder)
+
+
+def test_serve_refuses_a_random_head_with_503_failed_and_the_reason(tmp_path):
+    import httpx
+
+    from xbench.serve.process import start_server
+
+    model = write_tiny_decoder(tmp_path / "plain", "qwen3")
+    s = start_server([f"model_pool.instances.0.name={model}"], wait_for_health=False)
+    try:
+        health = s.wait_for(lambda: httpx.get(s.url + "/health").json().get("status") == "failed")
+        assert health.status_code == 503 and "scoring=" in health.json()["error"]
+        answer = httpx.post(s.url + "/v1/rerank", json={"query": "q", "documents": ["a"]})
+        assert answer.status_code == 503 and "random head" in answer.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_info_and_results_name_the_recipe(decoders):
+    import httpx
+
+    from xbench.serve.process import start_server
+
+    s = start_server([f"model_pool.instances.0.name={decoders['mxbai-rerank-v2']}"])
+    try:
+        info = httpx.get(s.url + "/info").json()
+        answer = httpx.post(s.url + "/v1/rerank", json={"query": "q", "documents": ["a", "b c"]})
+    finally:
+        s.stop()
+    assert info["scoring"]["recipe"] == "mxbai-rerank-v2" and info["scoring"]["labels"] == ["0", "1"]
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 2

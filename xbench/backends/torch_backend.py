@@ -129,12 +129,9 @@ class TorchBackend:
         self.precision = precision
         self.threads = threads
         if label_ids:  # an LLM reranker: the label rows of its LM head at the last token (decoder.py)
-            if packed:
-                raise ValueError("packed=true: packed execution runs encoders (BERT, RoBERTa, ELECTRA, DistilBERT); "
-                                 "an LLM reranker runs padded")
             model = LabelScorer(load_causal_lm(model_dir, trust_remote_code), label_ids, shared_prefix)
             self.input_names: tuple[str, ...] = ("input_ids", "attention_mask")
-            packed = False
+            packed = False  # decoders run padded (check_recipe refuses packed=true before loading)
         else:
             model = load_torch_model(model_dir, trust_remote_code)
             self.input_names = accepted_inputs(model)

@@ -47,9 +47,6 @@ def tiny_overrides(tiny_model: Path) -> list[str]:
     return [f"model_pool.instances.0.name={tiny_model}"]
 
 
-# Qwen2/Qwen3's pre-tokenizer: the split that decides where a byte-level BPE may merge.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-              r"|\s+(?!\S)|\s+")
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<bos>"]
 
 
@@ -60,11 +57,12 @@ def write_bpe_tokenizer(out: Path, vocab_size: int = 1500) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from xbench.recipes import KNOWN
+    from xbench.standins import QWEN2_SPLIT  # Qwen's pre-tokenizer: where a byte-level BPE may merge
     from xbench.workload import synthetic
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     prompts = [p for r in KNOWN.values() for p in (*r.head, r.query, *r.middle, r.document, *r.tail)]

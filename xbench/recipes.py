@@ -170,7 +170,6 @@ class Checkpoint:
     architectures: list[str]
     model_type: str
     tensor_names: set[str] = field(default_factory=set)
-    sentence_transformers_recipe: str | None = None
 
     @property
     def causal_lm(self) -> bool:

@@ -310,18 +310,7 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
         scheduled += float(rng.exponential(1.0 / spec.rate) if spec.burstiness == 1.0  # the same Poisson stream
                            else rng.gamma(spec.burstiness, 1.0 / (spec.rate * spec.burstiness)))
     stop_at = max(windows.edges[-1], min(time.perf_counter(), limit_at))  # the schedule's end
-    done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s) if tasks else (set(), set())
-    for t in pending:
-        t.cancel()
-    if stopped:
-        raise stopped[0]
-    now = time.perf_counter()
-    records = []
-    for t in tasks:
-        if t in done:
-            records.append(t.result())
-        else:  # never answered: an error at the drain deadline, not a silent omission
-            records.append(Record(now, now, 0, ok=False, error="no response before the drain timeout"))
+    records = await _drain(tasks, spec.drain_timeout_s)
     sink.extend(records)
     # Every request *scheduled* while measuring counts, however late it finished: the last
     # window stretches to the last answer.
@@ -329,10 +318,8 @@ async def _open_loop(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
     edges = [*windows.edges[:-1], max([stop_at] + [r.end for r in in_window])]
     stats = summarize(in_window, edges)
     stats["stability"] = {**stats["stability"], **windows.verdict()}
-    lag = [(r.sent - r.start) * 1000 for r in in_window if r.sent is not None]
     stats["load"] = {
-        "mode": "open", "target_rate": spec.rate, "burstiness": spec.burstiness,
-        "send_lag_ms": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99))} if lag else None,
+        "mode": "open", "target_rate": spec.rate, "burstiness": spec.burstiness, "send_lag_ms": _send_lag(in_window),
         "achieved_send_rate": len(in_window) / max(stop_at - measure_from, 1e-9),
         "warmup_s": spec.warmup_s, "duration_s": spec.duration_s, "measured_s": stop_at - measure_from,
     }
@@ -350,23 +337,33 @@ async def _replay(send: Send, spec: LoadSpec, sink: list[Record]) -> Counted:
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(_timed(send, i, begin + offset)))
-    done, pending = await asyncio.wait(tasks, timeout=spec.drain_timeout_s)
+    records = await _drain(tasks, spec.drain_timeout_s)
+    sink.extend(records)
+    stats = summarize(records, even_edges(begin, max(r.end for r in records), spec.windows))
+    stats["load"] = {"mode": "trace", "requests": len(records), "span_s": spec.schedule[-1],
+                     "send_lag_ms": _send_lag(records)}
+    return stats, records
+
+
+async def _drain(tasks: list[asyncio.Task[Record]], timeout_s: float) -> list[Record]:
+    """The records of scheduled requests once they have answered or the drain timeout has passed
+    (a request never answered is an error at the deadline, not a silent omission); a StopLoad
+    from any of them ends the run."""
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
     for t in pending:
         t.cancel()
     for t in done:
         if isinstance(t.exception(), StopLoad):
             raise t.exception()  # type: ignore[misc]
     now = time.perf_counter()
-    records = [t.result() if t in done else Record(now, now, 0, ok=False, error="no response before the drain timeout")
-               for t in tasks]
-    sink.extend(records)
-    edges = even_edges(begin, max(r.end for r in records), spec.windows)
-    stats = summarize(records, edges)
+    return [t.result() if t in done else Record(now, now, 0, ok=False, error="no response before the drain timeout")
+            for t in tasks]
+
+
+def _send_lag(records: list[Record]) -> dict | None:
+    """How late requests were sent after they were due (open loop, trace), in milliseconds."""
     lag = [(r.sent - r.start) * 1000 for r in records if r.sent is not None]
-    stats["load"] = {"mode": "trace", "requests": len(records), "span_s": spec.schedule[-1],
-                     "send_lag_ms": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)),
-                                     "max": max(lag)} if lag else None}
-    return stats, records
+    return {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)), "max": max(lag)} if lag else None
 
 
 async def _tick(progress: Progress, spec: LoadSpec) -> None:

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from xbench.errors import ConfigError
+
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
 STABILITY_WINDOWS = 3  # perf_analyzer's rule: the last 3 windows ...
 STABILITY_TOLERANCE = 0.10  # ... within 10% of their mean (experiment.stability_pct)
@@ -213,8 +215,6 @@ GOODPUT_METRICS = ("latency_ms", "queue_ms", "tokenize_ms", "infer_ms", "rest_ms
 def parse_goodput(text: str) -> dict[str, float]:
     """'latency_ms<=500,queue_ms<=100' -> {'latency_ms': 500.0, 'queue_ms': 100.0}: bounds every
     request must meet at once to count as good."""
-    from xbench.errors import ConfigError
-
     bounds = {}
     for clause in filter(None, (c.strip() for c in text.split(","))):
         metric, sep, value = clause.partition("<=")

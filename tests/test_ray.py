@@ -151,7 +151,9 @@ def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one
                     if a["name"].startswith("SERVE_REPLICA::xbench#xbench#")]
 
         assert len(replicas()) == 2
-        long_docs = [f"{d} " + "word " * 50 for d in DOCS] * 200  # a few seconds each on 2 cores
+        # ~400k tokens: seconds of work even for the tiny model, so the request the metric saw in
+        # flight is still there when the kill lands a few milliseconds later.
+        long_docs = [f"{d} " + "word " * 400 for d in DOCS] * 330
         killed = threading.Event()
 
         def client() -> list[httpx.Response]:  # sends until the kill, so a replica is never idle before it

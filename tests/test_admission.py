@@ -85,7 +85,7 @@ def test_an_open_loop_that_outruns_the_server_is_shed_once_it_has_answered(serve
     server.backlog.wait = 0.5
     assert server.arrive() and server.arrive()  # under the bound: admitted
     server.backlog.wait = 3.0
-    assert server.arrive()  # a burst onto an idle server: admitted until it has answered once
+    assert server.arrive()  # arriving with the others onto an idle server: admitted
     server.clock.now += 0.3
     server.answer()
     assert server.arrive()  # takes the place of the request just answered
@@ -111,13 +111,23 @@ def test_after_a_shed_every_request_past_the_bound_is_shed_for_the_bound(server)
     assert server.arrive()  # ... and a request taking an answered one's place is admitted again
 
 
+def test_clients_starting_together_are_admitted_and_arrivals_spread_at_a_rate_are_not(server):
+    server.backlog.wait = 3.0
+    for _ in range(16):  # a closed loop's clients, milliseconds apart, onto an idle server
+        assert server.arrive()
+        server.clock.now += 0.005
+    server.clock.now += 0.07
+    assert not server.arrive()  # nothing answered and this one came on its own: arrivals outrun it
+
+
 def test_a_burst_is_admitted_for_at_most_the_bound_while_nothing_is_answered(server):
     server.backlog.wait = 3.0
     assert server.arrive()  # onto an idle server
-    server.clock.now += BOUND_S / 2
-    assert server.arrive()  # nothing answered yet: still the starting burst
-    server.clock.now += BOUND_S / 2 + 0.01
-    assert not server.arrive()  # a bound later, still unanswered: arrivals are outrunning it
+    while server.clock.now < 100.0 + BOUND_S - 0.02:
+        server.clock.now += 0.015
+        assert server.arrive()  # each close behind the last, nothing answered: still the burst
+    server.clock.now += 0.02
+    assert not server.arrive()  # a bound after it began, still unanswered: arrivals are outrunning it
 
 
 def test_an_idle_server_forgets_its_level(server):

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on Linux; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,onnx,mlx,baseline,ctranslate2,ray,standins
+EXTRAS ?= dev,onnx,openvino,mlx,baseline,ctranslate2,ray,standins
 
 INFINITY_VENV ?= .venv-infinity
 AIPERF_VENV ?= .venv-aiperf

@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from xbench.backends import REGISTRY, available_devices, create_backend
+from xbench.backends.openvino_backend import cpu_has_bf16
 from xbench.config import ModelInstanceConfig, compose_config
 from xbench.core.batcher import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
@@ -34,6 +35,9 @@ FIDELITY = [
     ("mlx", "int4", ("rho", 0.0)),
     ("ctranslate2", "fp32", ("abs", 1e-4)),
     ("ctranslate2", "int8", ("rho", 0.95)),
+    ("openvino", "fp32", ("abs", 1e-4)),
+    ("openvino", "bf16", ("rho", 0.99)),
+    ("openvino", "int8", ("rho", 0.99)),
 ]
 
 
@@ -95,7 +99,10 @@ def default_setup():
 # The full-size model on 256 pairs. bf16/fp16 are left to the GPU check: CPUs without
 # AVX-512 BF16 (like CI's) emulate them at a tenth of fp32 speed. MLX on Linux runs on a
 # slow CPU path: it is checked on a 16-pair slice.
-DEFAULT_FIDELITY = [f for f in FIDELITY if f[1] in ("fp32", "int8", "int4")]
+# Where the CPU has BF16 instructions the bf16 paths of PyTorch and OpenVINO run at speed and are
+# held to their bar on the full model as well.
+DEFAULT_FIDELITY = [f for f in FIDELITY if f[1] in ("fp32", "int8", "int4")
+                    or (f[1] == "bf16" and f[0] in ("pytorch", "openvino") and cpu_has_bf16())]
 
 
 @pytest.mark.slow
@@ -142,6 +149,40 @@ def test_onnx_cache_is_keyed_by_weights_not_by_folder(tiny_model, tmp_path, monk
     assert onnx_path(copy, "fp32") == onnx_path(tiny_model, "fp32")
     other = write_tiny_bert(tmp_path / "other" / tiny_model.name, seed=1)
     assert onnx_path(other, "fp32") != onnx_path(tiny_model, "fp32")
+
+
+def test_openvino_ir_is_cached_by_weights_and_a_corrupt_one_rebuilt(tiny_model, tmp_path, monkeypatch):
+    from xbench.backends.openvino_backend import OpenVinoBackend, ir_path
+
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path))
+    first = OpenVinoBackend(str(tiny_model), "cpu", "fp32", threads=1)
+    path = ir_path(tiny_model, "fp32")
+    assert first.path == path and path.is_file() and path.with_suffix(".bin").is_file()
+    assert ir_path(tiny_model, "bf16") == path  # bf16 is the f32 graph under another hint
+    other = write_tiny_bert(tmp_path / "other" / tiny_model.name, seed=1)
+    assert ir_path(other, "fp32") != path
+    path.write_text("<not an IR")
+    rebuilt = OpenVinoBackend(str(tiny_model), "cpu", "fp32", threads=1)
+    assert path.read_text().startswith("<?xml")
+    ids = np.array([[101, 2054, 102, 2003, 102]])
+    np.testing.assert_allclose(rebuilt.forward(ids, np.ones_like(ids), np.zeros_like(ids)),
+                               first.forward(ids, np.ones_like(ids), np.zeros_like(ids)), atol=1e-6)
+
+
+def test_openvino_says_what_it_computed(tiny_model):
+    """fp32 is pinned to f32 even where the plugin would pick bf16 by itself (AVX512-BF16, AMX)."""
+    fp32 = create_backend(ModelInstanceConfig(backend="openvino", quantization="fp32"), str(tiny_model), threads=1)
+    assert fp32.describe()["computed"] == "fp32"
+    bf16 = create_backend(ModelInstanceConfig(backend="openvino", quantization="bf16"), str(tiny_model), threads=1)
+    assert bf16.describe()["computed"] == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_by_name(monkeypatch):
+    import xbench.env
+
+    monkeypatch.setattr(xbench.env, "cpu_features", lambda: ["avx2", "fma"])
+    with pytest.raises(ConfigError, match="needs a CPU with avx512_bf16 or amx_bf16; .* has avx2, fma"):
+        compose_config(["model_pool.instances.0.backend=openvino", "model_pool.instances.0.quantization=bf16"])
 
 
 def test_onnx_graphs_are_fused_and_quantized(tiny_model):

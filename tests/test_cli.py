@@ -103,6 +103,8 @@ def test_bad_input_is_one_line_exit_2_and_no_result_file(tmp_path, tiny_override
     (["sweep", "demo", "--launcher", "ray"], "ray", "--launcher ray needs ray: "),
     (["infer-bench", "-d", "1", "model_pool.instances.0.backend=onnx"], "onnxruntime",
      "backend 'onnx' needs onnxruntime: pip install 'xbench[onnx]'"),
+    (["infer-bench", "-d", "1", "model_pool.instances.0.backend=openvino"], "openvino",
+     "backend 'openvino' needs openvino: pip install 'xbench[openvino]'"),
 ])
 def test_a_missing_optional_package_is_one_line_naming_the_option_and_its_install(
         tmp_path, monkeypatch, tiny_overrides, args, absent, message):

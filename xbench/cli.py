@@ -426,7 +426,9 @@ def backends_matrix(
 
     from xbench.backends import PRECISIONS, REGISTRY, available_devices
 
-    present = set(available_devices())
+    from xbench.env import cpu_features
+
+    present, flags = set(available_devices()), set(cpu_features())
     try:  # MLX names Apple's GPU "gpu"; we call it mps, as torch does
         import mlx.core as mx
 
@@ -451,12 +453,23 @@ def backends_matrix(
                     cells.append("[yellow]extra[/]")
                 elif not here:
                     cells.append("[dim]no device[/]")
+                elif device == "cpu" and not set(dict(spec.cpu_flags).get(p, flags)) & flags:
+                    cells.append("[dim]no cpu flag[/]")
                 else:
                     cells.append("[green]yes[/]")
             note = spec.install_hint(missing) if missing else spec.summary
             table.add_row(spec.name, device, *cells, note)
     console.print(table)
-    console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · -: not supported[/]")
+    console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · no cpu flag: "
+                  "this CPU lacks its instructions · -: not supported[/]")
+    from xbench.env import cpu_name, cpu_precisions
+
+    cpu = Table(title=f"Precisions on this CPU ({cpu_name()})", header_style="bold")
+    cpu.add_column("precision")
+    cpu.add_column("computed as")
+    for precision, how in cpu_precisions().items():
+        cpu.add_row(precision, f"[green]{how}[/]" if how.startswith("native") else f"[yellow]{how}[/]")
+    console.print(cpu)
     if measure:
         from xbench.bench.ceilings import ceilings_table, gemm_ceilings
         from xbench.core.model_pool import threads_per_worker

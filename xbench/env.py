@@ -15,7 +15,7 @@ from typing import Any
 
 # CPU extensions that decide the low-precision fast paths (x86 and Arm names).
 MATRIX_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
-                   "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "bf16", "i8mm", "sve")
+                   "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "asimddp", "asimdhp", "bf16", "i8mm", "sve")
 VERSIONED = ("torch", "transformers", "tokenizers", "onnxruntime", "ctranslate2", "mlx", "numpy")
 
 
@@ -40,6 +40,27 @@ def cpu_features() -> list[str]:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
     return [f for f in MATRIX_FEATURES if f in flags]
+
+
+# For each low precision, the CPU flags whose instructions compute it directly (any one will do).
+NATIVE_PRECISION = {
+    "bf16": ("avx512_bf16", "amx_bf16", "bf16"),
+    "fp16": ("avx512_fp16", "amx_fp16", "asimdhp"),
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"),
+}
+EMULATED = {"bf16": "converted to fp32 in software (slower than fp32)",
+            "fp16": "converted to fp32 in software (slower than fp32)",
+            "int8": "8-bit multiply-adds in three AVX2/AVX-512 steps, no VNNI (a smaller gain)"}
+
+
+def cpu_precisions() -> dict[str, str]:
+    """Per precision on this CPU: 'native (flags)' or how it is emulated."""
+    flags = set(cpu_features())
+    out = {"fp32": "native"}
+    for precision, needs in NATIVE_PRECISION.items():
+        have = [f for f in needs if f in flags]
+        out[precision] = f"native ({', '.join(have)})" if have else EMULATED[precision]
+    return out
 
 
 def usable_cores() -> int:

@@ -54,7 +54,17 @@ register(BackendSpec(
     extra="mlx",
     summary="BERT in MLX from safetensors; Apple GPU, or mlx\\[cpu] on Linux",
 ))
-
+register(BackendSpec(
+    name="openvino",
+    target="xbench.backends.openvino_backend:OpenVinoBackend",
+    precisions=("fp32", "bf16", "int8"),
+    devices=("cpu",),
+    requires=("openvino", "nncf"),
+    extra="openvino",
+    summary="OpenVINO CPU plugin on an IR converted once and cached; precision pinned (fp32 is f32, not the "
+            "plugin's bf16 default); int8 = NNCF static, calibrated on held-out synthetic pairs",
+    cpu_flags=(("bf16", ("avx512_bf16", "amx_bf16")),),
+))
 register(BackendSpec(
     name="ctranslate2",
     target="xbench.backends.ct2_backend:CTranslate2Backend",

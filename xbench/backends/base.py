@@ -37,6 +37,11 @@ class Backend(Protocol):
     # Optional `close()`: called on the worker's thread when the pool shuts down (MLX has one).
 
 
+# What a precision computes where it is not all one type: results name this, not only the precision
+# asked for, so "int8" or "int4" from two engines can be told apart.
+MIXED = {"int8": "int8 matmuls, fp32 elsewhere", "int4": "int4 weights, fp32 activations"}
+
+
 def relevance(logits: np.ndarray) -> np.ndarray:
     """One relevance logit per row, float32: a one-logit head as it is; a two-class head
     (not relevant, relevant) as the log-odds l1 - l0, whose sigmoid is softmax's P(relevant)."""
@@ -58,6 +63,8 @@ class BackendSpec:
     packs: bool = False  # can run packed (unpadded) batches: takes `packed`
     graphs: bool = False  # can replay its CUDA forward as CUDA graphs: takes `cuda_graphs`
     reads_labels: bool = False  # can score LLM rerankers from label logits: takes `label_ids`
+    # precision -> CPU flags of which one must be present (its instructions, not an emulation)
+    cpu_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def supports(self, precision: str, device: str) -> bool:
         allowed = dict(self.limits).get(precision)
@@ -129,6 +136,13 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
             f"{key}: backend {backend!r} runs {inst.quantization} only on {', '.join(allowed)}, not on {device!r}; "
             f"on {device} it supports {', '.join(p for p in spec.precisions if spec.supports(p, device))}"
         )
+    needs = dict(spec.cpu_flags).get(inst.quantization)
+    if needs and device == "cpu":
+        from xbench.env import cpu_features, cpu_name
+
+        if not set(needs) & set(cpu_features()):
+            raise ConfigError(f"{key}.quantization={inst.quantization!r} on backend {backend!r} needs a CPU with "
+                              f"{' or '.join(needs)}; this CPU ({cpu_name()}) has {', '.join(cpu_features()) or 'none of the matrix extensions'}")
     if getattr(inst, "packed", None) and not spec.packs:
         packing = ", ".join(n for n, s in REGISTRY.items() if s.packs)
         raise ConfigError(f"{key}.packed=true: backend {backend!r} runs padded batches only; packed execution is "

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from xbench.backends.base import relevance
+from xbench.backends.base import MIXED, relevance
 from xbench.errors import BackendUnavailable
 from xbench.models import cache_dir, weights_key
 
@@ -150,4 +150,5 @@ class CTranslate2Backend:
 
         return {"engine": self.engine, "ctranslate2": ctranslate2.__version__, "threads": self.threads,
                 "device": self.device, "precision": self.precision, "compute_type": self.compute_type,
+                "computed": MIXED.get(self.precision, self.precision),
                 "packed": self.packed, "converted": str(self.path)}

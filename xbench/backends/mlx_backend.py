@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from xbench.backends.base import relevance
+from xbench.backends.base import MIXED, relevance
 from xbench.models import num_labels
 
 log = logging.getLogger(__name__)
@@ -192,4 +192,5 @@ class MlxBackend:
     def describe(self) -> dict[str, Any]:
         return {"engine": "mlx", "mlx": mx.__version__ if hasattr(mx, "__version__") else None,
                 "device": str(mx.default_device()), "precision": self.precision,
+                "computed": MIXED.get(self.precision, self.precision),
                 "threads": "mlx manages its own CPU threads"}

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from xbench.backends.base import relevance
+from xbench.backends.base import MIXED, relevance
 from xbench.models import cache_dir, weights_key
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ class OnnxBackend:
         import onnxruntime as ort
 
         return {"engine": "onnxruntime", "onnxruntime": ort.__version__, "threads": self.threads,
-                "providers": self.providers, "precision": self.precision, "onnx_file": str(self.path),
+                "providers": self.providers, "precision": self.precision,
+                "computed": MIXED.get(self.precision, self.precision), "onnx_file": str(self.path),
                 "fused_ops": self.fused_ops}
 
     @cached_property

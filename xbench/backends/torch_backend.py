@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xbench.backends.base import relevance
+from xbench.backends.base import MIXED, relevance
 from xbench.backends.decoder import LabelScorer, load_causal_lm
 from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs
 from xbench.layout import pad, unpad
@@ -215,11 +215,25 @@ class TorchBackend:
         self._copied.record()
         return on_device
 
+    def computed(self) -> str:
+        """What the hardware computes: TF32 on CUDA, or oneDNN's reduced-precision fp32 matmuls on
+        the CPU, when torch is set to allow them; int4's matmuls read bf16 activations."""
+        if self.precision == "fp32":
+            if self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+                return "tf32 matmuls, fp32 elsewhere"
+            if torch.get_float32_matmul_precision() != "highest":
+                return f"fp32 (matmul precision {torch.get_float32_matmul_precision()!r}: oneDNN may round to bf16)"
+            return "fp32"
+        if self.precision == "int4":
+            return "int4 weights, bf16 matmul activations, fp32 elsewhere"
+        return MIXED.get(self.precision, self.precision)
+
     def describe(self) -> dict[str, Any]:
         graphs = self.graphed.describe() if self.graphed is not None else {"cuda_graphs": False}
         shared = getattr(self.model, "shared_prefix", None)
         return {"engine": self.engine, "torch": torch.__version__, "threads": self.threads,
-                "device": str(self.device), "precision": self.precision, "packed": self.packed, **graphs,
+                "device": str(self.device), "precision": self.precision, "computed": self.computed(),
+                "packed": self.packed, **graphs,
                 **({"shared_prefix": shared} if shared is not None else {})}
 
 

@@ -72,6 +72,9 @@ def configuration(doc: dict[str, Any], drop: str = "", workers: bool = False) ->
     parts = [KIND.get(command, command or "?")]
     if command != "tokenize-bench" and p.get("backend"):
         parts.append(f"{p['backend']} {p.get('precision', '')}".strip())
+        computed = doc.get("engine", {}).get("computed")
+        if computed and computed != p.get("precision"):  # mixed or silently lowered: say what ran
+            parts.append(f"({computed})")
     recipe = doc.get("model", {}).get("scoring", {}).get("recipe")
     if recipe and recipe != "classifier":  # an LLM reranker: the recipe is part of what ran
         parts.append(recipe)

@@ -7,8 +7,9 @@ EXTRAS ?= dev,onnx,openvino,mlx,baseline,ctranslate2,ray,standins
 
 INFINITY_VENV ?= .venv-infinity
 AIPERF_VENV ?= .venv-aiperf
+PEERS_VENV ?= .venv-peers
 
-.PHONY: install infinity aiperf demo study test test-slow bench clean
+.PHONY: install infinity aiperf peers demo study test test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# The peers benchmark (benchmarks/peers.py): xbench beside the libraries a user would pick instead.
+# Its own virtualenv: optimum and fastembed pin transformers and huggingface_hub below ours.
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(PEERS_VENV)/bin/pip install -q -e ".[dev,onnx,openvino,ctranslate2,peers]"
 	touch $@
 
 # Infinity, a peer rerank server, for the `xbench load --api infinity` integration test

@@ -27,7 +27,7 @@ from xbench.bench.ceilings import ceilings_table, gemm_ceilings
 from xbench.env import cpu_features
 from xbench.bench.runners import progress_bar
 from xbench.config import compose_config
-from xbench.core.batcher import model_batches
+from xbench.bench.batches import model_batches
 from xbench.core.model_pool import threads_per_worker
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer

@@ -40,7 +40,6 @@ SYNCS = {"aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::n
 
 def count(rows: int, lengths: str) -> dict:
     """The counts for one batch, on whichever xbench PYTHONPATH holds."""
-    import numpy as np
     import torch
     from torch.profiler import profile
 

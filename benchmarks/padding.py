@@ -34,7 +34,7 @@ from xbench.backends.torch_backend import TorchBackend
 from xbench.bench.load import LoadSpec, generate
 from xbench.bench.runners import PipelineTarget, progress_bar
 from xbench.config import compose_config
-from xbench.core.batcher import padded_batches
+from xbench.bench.batches import padded_batches
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model

@@ -26,7 +26,7 @@ from xbench.backends import create_backend
 from xbench.bench.load import generate
 from xbench.bench.runners import InferTarget, PipelineTarget, load_spec, progress_bar
 from xbench.config import compose_config, to_dict
-from xbench.core.batcher import padded_batches
+from xbench.bench.batches import padded_batches
 from xbench.core.model_pool import threads_per_worker
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer

@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 from xbench.backends import create_backend
 from xbench.config import ModelInstanceConfig
-from xbench.core.batcher import model_batches
+from xbench.bench.batches import model_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.models import resolve_model
 from xbench.results.store import environment, write_json

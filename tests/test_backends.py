@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from xbench.backends import REGISTRY, available_devices, create_backend
 from xbench.backends.openvino_backend import cpu_has_bf16
 from xbench.config import ModelInstanceConfig, compose_config
-from xbench.core.batcher import padded_batches
+from xbench.bench.batches import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.errors import BackendUnavailable, ConfigError
 from xbench.models import resolve_model

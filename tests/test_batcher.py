@@ -3,7 +3,8 @@
 import numpy as np
 
 from xbench.config import BatchingConfig
-from xbench.core.batcher import Batcher, ModelBatch, _TokenStore, collate, plan_batches
+from xbench.bench.batches import collate
+from xbench.core.batcher import Batcher, ModelBatch, _TokenStore, plan_batches
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import Encoded
 from xbench.errors import RequestCancelled

@@ -13,7 +13,8 @@ from xbench.backends.packed import Packing, Shape, pack_inputs
 from xbench.backends.torch_backend import TorchBackend
 from xbench.config import BatchingConfig, compose_config
 from xbench.core import cost_model
-from xbench.core.batcher import Batcher, collate
+from xbench.bench.batches import collate
+from xbench.core.batcher import Batcher
 from xbench.core.cost_model import CostModel, fit, load_or_calibrate, plan
 from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer

@@ -144,7 +144,6 @@ def seed_every_tensor(model, seed: int) -> None:
 
 
 def write_modernbert_standin(out: Path) -> None:
-    import torch
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
     from xbench.models import materialize_default

@@ -103,29 +103,6 @@ def plan_batches(lengths: np.ndarray | list[int], max_batch_size: int, max_batch
     return cost_model.fill_greedily(order, as_array[order], max_batch_size, max_batch_tokens)
 
 
-def model_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
-                  cost: CostModel | None = None) -> list[tuple[np.ndarray, ModelBatch]]:
-    """Pre-tokenized pairs cut as the batcher would: (their positions, the batch) per batch. For
-    measuring a backend alone, or scoring a fixed set of pairs, outside the pipeline."""
-    batches = []
-    for rows in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing, cost):
-        part = enc.take(rows)
-        batches.append((rows, ModelBatch(part.flat_ids, part.flat_types, part.lengths)))
-    return batches
-
-
-def padded_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10**9, bucketing: bool = True,
-                   cost: CostModel | None = None) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """`model_batches`, each padded: (positions, (ids, mask, types))."""
-    return [(rows, batch.padded) for rows, batch in model_batches(enc, max_batch_size, max_batch_tokens, bucketing, cost)]
-
-
-def collate(ids: list[np.ndarray], type_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad token ids to the longest row: (input_ids, attention_mask, token_type_ids)."""
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    return pad(np.concatenate(ids), np.concatenate(type_ids), lengths)
-
-
 @dataclass
 class _Pairs:
     """Queued pairs as columns, a row a pair: no Python object per pair, since the batcher works

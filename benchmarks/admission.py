@@ -29,7 +29,7 @@ from xbench.bench.http import HttpTarget
 from xbench.bench.runners import PipelineTarget, load_spec, measure
 from xbench.config import compose_config, to_dict
 from xbench.results.store import environment, write_json
-from xbench.serve.process import start_server
+from serving import start_server
 from xbench.workload import make_workload
 
 console = Console(width=160)

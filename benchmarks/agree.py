@@ -28,7 +28,7 @@ from rich.table import Table
 
 from xbench.models import resolve_model
 from xbench.results.store import environment, write_json
-from xbench.serve.process import start_server
+from serving import start_server
 
 console = Console(width=150)
 AIPERF = Path(__file__).parents[1] / ".venv-aiperf" / "bin" / "aiperf"

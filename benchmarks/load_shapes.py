@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench.results.store import environment, write_json
-from xbench.serve.process import start_server
+from serving import start_server
 
 console = Console(width=150)
 

@@ -27,7 +27,8 @@ them.
 
 The "computed" column is what the hardware computed, read from the engine where it says (an
 OpenVINO model compiled without a hint computes in bf16 on CPUs with AVX512-BF16 or AMX).
-Rounds are interleaved, so drift hits every path alike. Fidelity: Spearman of each path's scores
+Rounds are interleaved, so drift hits every path alike, after one untimed round in which every
+path meets every batch shape once. Fidelity: Spearman of each path's scores
 against transformers fp32 over every pair. Runs in `make peers`' virtualenv (optimum and fastembed
 pin transformers below ours); a peer that is not installed is reported as such, never dropped.
 
@@ -340,14 +341,16 @@ def main(
     rates: dict[str, list[float]] = {name: [] for name in runs}
     fidelity: dict[str, float] = {}
     with progress_bar(console) as progress:
-        task = progress.add_task("rounds", total=rounds * len(runs))
-        for _ in range(rounds):
+        task = progress.add_task("rounds", total=(rounds + 1) * len(runs))
+        # Round 0 is untimed: every path sees every batch shape once first (OpenVINO and ORT compile
+        # kernels per new shape; a server pays that once, not per request).
+        for round_ in range(rounds + 1):
             for name, (path, calls, at_once) in runs.items():
-                path.score(list(requests[0].pairs))  # warm
                 t0 = time.perf_counter()
                 got = run_calls(path, every, calls, at_once)
-                rates[name].append(len(got) / (time.perf_counter() - t0))
-                fidelity[name] = float(spearmanr(got, ref).statistic)
+                if round_:
+                    rates[name].append(len(got) / (time.perf_counter() - t0))
+                    fidelity[name] = float(spearmanr(got, ref).statistic)
                 progress.advance(task)
     for pipe in pipelines:
         pipe.close()

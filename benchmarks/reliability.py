@@ -41,7 +41,7 @@ from xbench.bench.load import LoadSpec, generate
 from xbench.bench.stats import Record, latency_summary
 from xbench.config import compose_config
 from xbench.results.store import environment, write_json
-from xbench.serve.process import RunningServer, closed_by_server, start_server
+from serving import RunningServer, closed_by_server, start_server
 from xbench.workload import make_workload
 
 console = Console(width=150)

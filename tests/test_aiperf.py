@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from xbench.models import resolve_model
-from xbench.serve.process import start_server
+from serving import start_server
 
 AIPERF = Path(os.environ.get("XBENCH_AIPERF", Path(__file__).parents[1] / ".venv-aiperf" / "bin" / "aiperf"))
 pytestmark = [pytest.mark.slow,

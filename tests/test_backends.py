@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from xbench.backends import REGISTRY, available_devices, create_backend
+from xbench.backends import PRECISIONS, REGISTRY, available_devices, create_backend
 from xbench.backends.openvino_backend import cpu_has_bf16
 from xbench.config import ModelInstanceConfig, compose_config
 from xbench.bench.batches import padded_batches
@@ -287,9 +287,20 @@ def test_two_class_heads_score_the_log_odds_of_relevant(tmp_path, monkeypatch):
         resolve_model(str(three))
 
 
-def test_every_registered_backend_declares_what_it_supports():
+def test_every_backend_names_an_extra_that_installs_it_and_a_class_that_runs():
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for spec in REGISTRY.values():
-        assert spec.precisions and spec.devices and spec.summary
+        if spec.extra:
+            assert spec.extra in extras, f"{spec.name}: pyproject.toml has no extra {spec.extra!r}"
+            listed = " ".join(extras[spec.extra]).lower()
+            assert all(module.split(".")[0] in listed for module in spec.requires), (spec.name, spec.extra)
+        assert set(spec.precisions) <= set(PRECISIONS) and dict(spec.limits).keys() <= set(spec.precisions)
+        if not spec.missing():
+            cls = spec.load_class()
+            assert callable(getattr(cls, "forward", None)) and callable(getattr(cls, "describe", None)), spec.name
 
 
 @pytest.mark.skipif("cuda" not in available_devices(), reason="no CUDA device on this machine")
@@ -317,17 +328,6 @@ def test_backends_command_prints_the_matrix():
             for line in result.output.splitlines() if line.count("│") > 3}
     assert "yes" in rows["pytorch:cpu"] and "yes" in rows["onnx:cpu"]
     assert rows["pytorch:cpu"].count("yes") == 5  # fp32 fp16 bf16 int8 int4
-
-
-def test_gemm_ceilings_time_every_precision():
-    from xbench.bench.ceilings import ceilings_table, gemm_ceilings
-    from xbench.env import MATRIX_FEATURES, cpu_features
-
-    rates = gemm_ceilings(threads=1, min_s=0.0, rows=16)
-    assert list(rates) == ["fp32", "bf16", "fp16", "int8", "int4"]
-    assert all(r > 0 for r in rates.values())
-    assert set(cpu_features()) <= set(MATRIX_FEATURES)
-    assert ceilings_table(rates, threads=1, rows=16).row_count == 5
 
 
 def test_large_models_keep_their_onnx_weights_in_a_side_file(tiny_setup, tmp_path, monkeypatch):

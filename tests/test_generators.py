@@ -14,7 +14,7 @@ import pytest
 from xbench.bench.generators import encode, histogram, merge, split
 from xbench.bench.load import LoadSpec
 from xbench.errors import ConfigError
-from xbench.serve.process import start_server
+from serving import start_server
 
 # HdrHistogram merges the parts' latencies; it comes with the ray extra, which .ci/run installs.
 needs_hdrh = pytest.mark.skipif(find_spec("hdrh") is None, reason="needs hdrhistogram: pip install -e '.[ray]'")

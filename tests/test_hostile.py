@@ -14,7 +14,7 @@ import pytest
 
 from xbench.core.memory import SLACK_BYTES
 from xbench.errors import DataError
-from xbench.serve.process import closed_by_server, start_server
+from serving import closed_by_server, start_server
 from xbench.workload import load_jsonl
 
 ROUTES = {"/v1/rerank": "documents", "/v2/rerank": "documents", "/rerank": "texts"}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from test_pipeline import reference_logits
-from xbench.serve.process import free_port
+from serving import free_port
 
 INFINITY = Path(os.environ.get("XBENCH_INFINITY", Path(__file__).parents[1] / ".venv-infinity" / "bin" / "infinity_emb"))
 pytestmark = [pytest.mark.slow,

@@ -129,7 +129,7 @@ def test_burstier_arrivals_clump_at_the_same_mean_rate():
 def test_goodput_and_records_against_a_real_server(tmp_path, tiny_model):
     import json
 
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     s = start_server([f"model_pool.instances.0.name={tiny_model}"])
     try:
@@ -162,7 +162,7 @@ def test_goodput_and_records_against_a_real_server(tmp_path, tiny_model):
 def test_a_trace_replays_at_its_own_times(tmp_path, tiny_model):
     import json
 
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     trace = tmp_path / "trace.jsonl"
     lines = [{"timestamp": 1000 + 0.05 * i, "query": f"query {i % 3}", "documents": [f"doc {j}" for j in range(1 + i % 5)]}
@@ -201,7 +201,7 @@ def test_a_bad_trace_line_is_named(tmp_path, line, fragment):
 def test_a_ramp_measures_one_point_per_rate_step_and_draws_them(tmp_path, tiny_model):
     import json
 
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     s = start_server([f"model_pool.instances.0.name={tiny_model}"])
     try:
@@ -226,7 +226,7 @@ def test_records_as_parquet_are_measured_again_by_report(tmp_path, tiny_model):
     import json
 
     pytest.importorskip("pyarrow")
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     s = start_server([f"model_pool.instances.0.name={tiny_model}"])
     try:

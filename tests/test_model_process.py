@@ -20,7 +20,7 @@ from xbench.config import compose_config
 from xbench.core.model_pool import ModelPool, default_mode
 from xbench.core.model_process import _release_memory
 from xbench.core.pipeline import Pipeline
-from xbench.serve.process import start_server
+from serving import start_server
 from xbench.workload import synthetic
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xbench.serve.process import free_port, start_server
+from serving import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 OBS = ROOT / "observability"

@@ -215,16 +215,18 @@ def test_local_dir_without_config_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_parallelism_switch_reaches_the_workers(tiny_model, mode):
+@pytest.mark.parametrize("parallelism", [False, True])
+def test_parallelism_switch_reaches_the_workers(tiny_model, monkeypatch, mode, parallelism):
     import os
 
-    pool = TokenizerPool(load_tokenizer(tiny_model, 32), workers=1, parallelism=False, mode=mode)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true" if not parallelism else "false")  # the opposite
+    pool = TokenizerPool(load_tokenizer(tiny_model, 32), workers=1, parallelism=parallelism, mode=mode)
     try:
-        if mode == "process":
+        if mode == "process":  # read in the worker process itself
             seen = pool._executor.submit(os.getenv, "TOKENIZERS_PARALLELISM").result()
         else:
             seen = os.environ.get("TOKENIZERS_PARALLELISM")
-        assert seen == "false"
+        assert seen == ("true" if parallelism else "false")
     finally:
         pool.close()
 

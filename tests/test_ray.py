@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.
 pytestmark = pytest.mark.slow  # a real cluster: minutes, not seconds
 
 from test_pipeline import reference_logits  # noqa: E402
-from xbench.serve.process import free_port  # noqa: E402
+from serving import free_port  # noqa: E402
 
 RAY = Path(sys.executable).with_name("ray")
 # The experiment allows 90 s. Windows close on 5 requests, so a machine several times slower
@@ -201,7 +201,7 @@ def test_serve_replicas_on_ray_score_like_the_reference_and_replace_a_killed_one
 
 
 def test_load_generators_as_ray_actors(cluster, tmp_path, tiny_model):
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     server = start_server([f"model_pool.instances.0.name={tiny_model}", "model_pool.instances.0.max_length=64"])
     try:

@@ -313,7 +313,7 @@ def test_int8_keeps_each_familys_last_layer_and_heads_in_fp32(modernbert, decode
 def test_serve_refuses_a_random_head_with_503_failed_and_the_reason(tmp_path):
     import httpx
 
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     model = write_tiny_decoder(tmp_path / "plain", "qwen3")
     s = start_server([f"model_pool.instances.0.name={model}"], wait_for_health=False)
@@ -329,7 +329,7 @@ def test_serve_refuses_a_random_head_with_503_failed_and_the_reason(tmp_path):
 def test_info_and_results_name_the_recipe(decoders):
     import httpx
 
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     s = start_server([f"model_pool.instances.0.name={decoders['mxbai-rerank-v2']}"])
     try:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xbench.serve.process import start_server
+from serving import start_server
 from test_pipeline import reference_logits
 
 KEY = "test-secret"
@@ -93,7 +93,7 @@ def test_tei_rerank_shape_raw_scores_and_truncate_false(server, tiny_model):
     logits = reference_logits(tiny_model, [("q", d) for d in DOCS[:3]], max_length=64)
     np.testing.assert_allclose(sorted(x["score"] for x in arr), sorted(logits), atol=1e-5)
     over = post(server, "/rerank", {"query": "q", "texts": ["word " * 100], "truncate": False})
-    assert over.status_code == 422 and over.json()["error_type"] == "Validation"
+    assert over.status_code == 413 and over.json()["error_type"] == "Validation"  # TEI's status for it
     assert post(server, "/rerank", {"query": "q", "texts": ["word " * 100]}).status_code == 200  # truncated by default
 
 
@@ -342,12 +342,13 @@ def test_queue_full_is_429_with_retry_after_at_once():
                 return await asyncio.gather(*(c.post(s.url + "/rerank", json={"query": "q", "texts": DOCS * 20})
                                               for _ in range(4)))
 
-        t0 = time.perf_counter()
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
         assert codes.count(200) >= 1 and 429 in codes
         rejected = next(r for r in responses if r.status_code == 429)
         assert rejected.headers["retry-after"] == "1" and rejected.json()["error_type"] == "Overloaded"
-        assert time.perf_counter() - t0 < 60
+        # At once: answered before the request holding the permit, not after waiting for it.
+        answered = min(r.elapsed for r in responses if r.status_code == 200)
+        assert max(r.elapsed for r in responses if r.status_code == 429) < answered
     finally:
         s.stop()

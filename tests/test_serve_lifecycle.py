@@ -9,7 +9,7 @@ import pytest
 from conftest import write_tiny_model
 from xbench.config import compose_config
 from xbench.core.pipeline import Pipeline
-from xbench.serve.process import start_server
+from serving import start_server
 
 BODY = {"query": "q", "documents": ["paris", "bananas are yellow"], "texts": ["paris", "bananas are yellow"]}
 
@@ -75,7 +75,7 @@ def test_a_forward_that_raises_is_500_in_each_shape_and_the_server_stays_healthy
         assert v1.status_code == 500 and v1.json()["error"]["type"] == "backend_error"
         assert "backend error" in v1.json()["error"]["message"]
         tei = httpx.post(s.url + "/rerank", json=BODY)
-        assert tei.status_code == 500 and tei.json()["error_type"] == "Backend"
+        assert tei.status_code == 424 and tei.json()["error_type"] == "Backend"  # TEI's Failed Dependency
         assert httpx.get(s.url + "/health").status_code == 200  # the worker survived
     finally:
         s.stop()

@@ -74,7 +74,7 @@ def test_a_goodput_search_against_a_real_server(tmp_path, tiny_model):
     import subprocess
     import sys
 
-    from xbench.serve.process import start_server
+    from serving import start_server
 
     s = start_server([f"model_pool.instances.0.name={tiny_model}"])
     try:

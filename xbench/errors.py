@@ -66,7 +66,6 @@ class ErrorKind(Enum):
     TIMEOUT = ("timeout", 408)  # the body did not arrive within body_timeout_s
     TOO_LARGE = ("too_large", 413)  # too many documents, or a body over the limit
     VALIDATION = ("validation", 422)  # a field of the wrong type or value
-    EMPTY = ("empty", 422)  # no documents to rank
     TOO_LONG = ("too_long", 422)  # a pair over max_input_length with truncation off
     OVERLOADED = ("overloaded", 429)
     CANCELLED = ("cancelled", 499)  # the client went away

@@ -40,7 +40,7 @@ from starlette.routing import Route
 import xbench
 from xbench.core.pipeline import Pipeline, sigmoid
 from xbench.core.request import RerankJob, RerankResult
-from xbench.errors import ErrorKind, InputTooLong, RequestCancelled, ServiceError
+from xbench.errors import ErrorKind, RequestCancelled, ServiceError
 from xbench.serve.admission import Admission
 from xbench.serve.apis import DIALECTS, Dialect, RerankQuery
 from xbench.serve.auth import SERVER_API_KEY_ENV, Auth
@@ -84,8 +84,9 @@ class RerankService:
             status = response.status_code
             return response
         except ServiceError as exc:
-            status = exc.status
-            return JSONResponse(dialect.error_body(exc), status_code=exc.status, headers=exc.headers)
+            response = dialect.error_response(exc)
+            status = response.status_code
+            return response
         except ClientDisconnect:
             status = ErrorKind.CANCELLED.status
             return Response(status_code=status)
@@ -101,9 +102,6 @@ class RerankService:
         self.jobs.add(job)
         try:
             result = await self._scores_unless_hung_up(request, job)
-        except InputTooLong as exc:  # the over-long inputs are among this dialect's documents
-            exc.param = exc.param or dialect.documents_field
-            raise
         finally:
             self.jobs.discard(job)
         for stage, seconds in result.stages_s.items():
@@ -244,8 +242,7 @@ def timing_headers(result: RerankResult) -> dict[str, str]:
 
 def error_response(path: str, err: ServiceError) -> JSONResponse:
     """An error in the shape of the dialect that serves `path` (TEI's elsewhere)."""
-    dialect = next((d for d in DIALECTS.values() if d.path == path), DIALECTS["tei"])
-    return JSONResponse(dialect.error_body(err), status_code=err.status, headers=err.headers)
+    return next((d for d in DIALECTS.values() if d.path == path), DIALECTS["tei"]).error_response(err)
 
 
 class CloseWhileDraining:
@@ -287,7 +284,7 @@ def create_app(cfg: DictConfig) -> Starlette:
             try:
                 return await handler(request)
             except ServiceError as exc:
-                return JSONResponse(DIALECTS["tei"].error_body(exc), status_code=exc.status, headers=exc.headers)
+                return DIALECTS["tei"].error_response(exc)
 
         return endpoint
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
+from starlette.responses import JSONResponse
 
 from xbench.core.request import RerankResult
 from xbench.errors import ErrorKind, ServiceError
@@ -137,6 +138,17 @@ class Dialect:
 
     def error_body(self, error: ServiceError) -> Any:
         raise NotImplementedError
+
+    def status(self, error: ServiceError) -> int:
+        """The HTTP status this dialect's server answers the error with (xbench's own by default)."""
+        return error.status
+
+    def error_response(self, error: ServiceError) -> JSONResponse:
+        """The one place an error becomes a response. Pairs over the length limit are among this
+        dialect's documents: the core that finds them does not know the field's name."""
+        if error.kind is ErrorKind.TOO_LONG and error.param is None:
+            error.param = self.documents_field
+        return JSONResponse(self.error_body(error), status_code=self.status(error), headers=error.headers)
 
     def request_body(self, query: str, documents: list[str], model: str | None) -> dict[str, Any]:
         raise NotImplementedError

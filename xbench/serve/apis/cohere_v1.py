@@ -22,7 +22,7 @@ ERROR_TYPES = {
     ErrorKind.NOT_FOUND: "not_found_error", ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
     ErrorKind.TIMEOUT: "request_timeout",
     ErrorKind.TOO_LARGE: "request_too_large", ErrorKind.VALIDATION: "validation_error",
-    ErrorKind.EMPTY: "validation_error", ErrorKind.TOO_LONG: "validation_error", ErrorKind.OVERLOADED: "overloaded",
+    ErrorKind.TOO_LONG: "validation_error", ErrorKind.OVERLOADED: "overloaded",
     ErrorKind.CANCELLED: "client_closed_request", ErrorKind.INTERNAL: "backend_error",
     ErrorKind.UNAVAILABLE: "not_ready",
 }

@@ -19,10 +19,15 @@ from xbench.serve.apis.base import Dialect, Documents, RerankQuery, StrictReques
 ERROR_TYPES = {
     ErrorKind.MALFORMED: "Validation", ErrorKind.UNAUTHORIZED: "Unauthorized", ErrorKind.TOO_LARGE: "Validation",
     ErrorKind.NOT_FOUND: "NotFound", ErrorKind.METHOD_NOT_ALLOWED: "Validation",
-    ErrorKind.VALIDATION: "Validation", ErrorKind.EMPTY: "Empty", ErrorKind.TOO_LONG: "Validation",
+    ErrorKind.VALIDATION: "Validation", ErrorKind.TOO_LONG: "Validation",
     ErrorKind.OVERLOADED: "Overloaded", ErrorKind.CANCELLED: "Cancelled", ErrorKind.INTERNAL: "Backend",
     ErrorKind.UNAVAILABLE: "Unhealthy", ErrorKind.TIMEOUT: "Validation",
 }
+# The statuses TEI's router gives its own error types (router/src/http/server.rs, `From<&ErrorType>
+# for StatusCode`): its validation errors (too many texts, an input too long with truncation off)
+# are 413, a backend failure 424. Errors its web framework answers before the router (unparseable
+# JSON, wrong field types, unknown routes, auth) keep xbench's status.
+STATUSES = {ErrorKind.TOO_LONG: 413, ErrorKind.INTERNAL: 424}
 
 
 class TeiRequest(StrictRequest):
@@ -56,6 +61,9 @@ class Tei(Dialect):
 
     def error_body(self, error: ServiceError) -> Any:
         return {"error": error.message, "error_type": ERROR_TYPES[error.kind]}
+
+    def status(self, error: ServiceError) -> int:
+        return STATUSES.get(error.kind, error.status)
 
     def request_body(self, query: str, documents: list[str], model: str | None) -> dict[str, Any]:
         return {"query": query, "texts": documents, "raw_scores": False}

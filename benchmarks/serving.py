@@ -1,5 +1,5 @@
-"""Start a real `xbench serve` process on a free loopback port: for the tests and for benchmarks
-that measure the server over HTTP."""
+"""Start a real `xbench serve` process on a free loopback port: for the benchmarks that measure
+the server over HTTP and for the tests (pytest puts this folder on sys.path)."""
 
 from __future__ import annotations
 

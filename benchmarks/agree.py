@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from xbench.results.store import environment, write_json
 from serving import start_server
 

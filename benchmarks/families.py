@@ -38,7 +38,7 @@ from rich.table import Table
 
 from xbench.config import compose_config
 from xbench.core.pipeline import Pipeline
-from xbench.models import resolve_instance
+from xbench.checkpoints import resolve_instance
 from xbench.recipes import QWEN3
 from xbench.results.store import environment, write_json
 from xbench.standins import MODERNBERT_STANDIN, QWEN3_STANDIN

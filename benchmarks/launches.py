@@ -47,7 +47,7 @@ def count(rows: int, lengths: str) -> dict:
     import xbench.backends.torch_backend as torch_backend
     from xbench.core import batcher
     from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-    from xbench.models import resolve_model
+    from xbench.checkpoints import resolve_model
     from xbench.workload import synthetic
 
     # The CUDA code path, on the CPU: flash attention's variable-length call becomes one copy.

@@ -58,7 +58,7 @@ from xbench.config import compose_config
 from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.env import cpu_precisions
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from xbench.results.store import environment, write_json
 from xbench.workload import Pair, Request, synthetic
 

@@ -30,7 +30,7 @@ from xbench.bench.batches import padded_batches
 from xbench.core.model_pool import threads_per_worker
 from xbench.core.pipeline import warmup_backend
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from xbench.results.store import environment, write_json
 from xbench.workload import make_workload
 

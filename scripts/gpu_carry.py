@@ -75,7 +75,7 @@ def download_wheels(dest: Path) -> None:
 
 
 def prepare() -> None:
-    from xbench.models import resolve_model
+    from xbench.checkpoints import resolve_model
 
     pack_model(Path(resolve_model("xbench/minilm-l6-seeded").path), MODEL)
     download_wheels(WHEELS)

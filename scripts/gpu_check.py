@@ -28,7 +28,7 @@ from xbench.backends import create_backend
 from xbench.config import ModelInstanceConfig
 from xbench.bench.batches import model_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from xbench.results.store import environment, write_json
 from xbench.workload import synthetic
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from serving import start_server
 
 AIPERF = Path(os.environ.get("XBENCH_AIPERF", Path(__file__).parents[1] / ".venv-aiperf" / "bin" / "aiperf"))

@@ -13,7 +13,7 @@ from xbench.config import ModelInstanceConfig, compose_config
 from xbench.bench.batches import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.errors import BackendUnavailable, ConfigError
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from xbench.workload import synthetic
 
 from conftest import write_tiny_bert, write_tiny_model

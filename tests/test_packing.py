@@ -20,7 +20,7 @@ from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import Encoded, TokenizerPool, load_tokenizer
 from xbench.errors import ConfigError
 from xbench.layout import unpad
-from xbench.models import resolve_model
+from xbench.checkpoints import resolve_model
 from xbench.workload import synthetic
 
 from conftest import write_tiny_model

@@ -13,7 +13,7 @@ from xbench.core.pipeline import Pipeline
 from xbench.errors import InputTooLong
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
 from xbench.errors import ModelError
-from xbench.models import materialize_default, resolve_model
+from xbench.checkpoints import materialize_default, resolve_model
 from xbench.workload import synthetic
 
 

@@ -146,7 +146,7 @@ def seed_every_tensor(model, seed: int) -> None:
 def write_modernbert_standin(out: Path) -> None:
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
-    from xbench.models import materialize_default
+    from xbench.checkpoints import materialize_default
 
     bert = materialize_default()
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):

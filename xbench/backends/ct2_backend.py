@@ -20,7 +20,7 @@ import numpy as np
 
 from xbench.backends.base import MIXED, relevance
 from xbench.errors import BackendUnavailable
-from xbench.models import cache_dir, weights_key
+from xbench.checkpoints import cache_dir, weights_key
 
 log = logging.getLogger(__name__)
 COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from xbench.backends.base import MIXED, relevance
-from xbench.models import num_labels
+from xbench.checkpoints import num_labels
 
 log = logging.getLogger(__name__)
 _warned: list[bool] = []

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from xbench.backends.base import MIXED, relevance
-from xbench.models import cache_dir, weights_key
+from xbench.checkpoints import cache_dir, weights_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -30,7 +30,7 @@ import numpy as np
 
 from xbench.backends.base import relevance
 from xbench.errors import BackendUnavailable
-from xbench.models import cache_dir, weights_key
+from xbench.checkpoints import cache_dir, weights_key
 
 log = logging.getLogger(__name__)
 # Bumped whenever the conversion or quantization recipe changes, so old cached IRs are not reused.

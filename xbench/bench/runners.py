@@ -26,7 +26,7 @@ from xbench.core.model_pool import TokenCounts
 from xbench.core.pipeline import Pipeline
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import TokenizerPool
-from xbench.models import ResolvedModel, effective_max_length, resolve_instance
+from xbench.checkpoints import ResolvedModel, effective_max_length, resolve_instance
 from xbench.results.store import (RESULTS_DIR, SCHEMA_VERSION, check_writable, environment, point_filename, run_id,
                                   write_or_keep)
 from xbench.workload import Workload, char_profile, length_profile

@@ -6,7 +6,7 @@ sets its own intra-op thread count, by default the cores split evenly, so M work
 do not oversubscribe them.
 
 Process mode (the default beside a CUDA model): the workers share one backend that runs in a
-spawned process of its own (core/model_process.py), so the host work of launching a GPU's kernels
+spawned process of its own (core/backend_process.py), so the host work of launching a GPU's kernels
 and the rest of the pipeline's Python do not take turns on one GIL. The process runs the
 workers' batches back to back; M is then how many batches are handed over at once.
 
@@ -112,7 +112,7 @@ class ModelPool:
         backend loads first, in its process (its load error is raised here), and every worker
         takes it."""
         if self.mode == "process":
-            from xbench.core.model_process import BackendProcess
+            from xbench.core.backend_process import BackendProcess
 
             self.backend_process = BackendProcess(self._create_backend, self.threads)
         for i in range(self.workers):

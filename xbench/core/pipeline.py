@@ -27,7 +27,7 @@ from xbench.core.model_pool import BackendFactory, ModelPool, default_mode, defa
 from xbench.core.request import RerankJob, RerankResult
 from xbench.core.tokenizer_pool import Encoded, Pair, TokenizerPool
 from xbench.errors import InputTooLong
-from xbench.models import ResolvedModel, cache_dir, effective_max_length, resolve_instance
+from xbench.checkpoints import ResolvedModel, cache_dir, effective_max_length, resolve_instance
 
 WARMUP_SHAPES = ((1, 16), (8, 64), (32, 128))
 

@@ -4,7 +4,7 @@ A request's way: the route picks its dialect (serve/apis/); `RerankService.reran
 key (serve/auth.py), reads the body under its size limit and time limit, lets the dialect parse
 and validate it, takes an admission permit (serve/admission.py: over the request limit, or when
 the queue's estimated wait is over `max_queue_wait_ms`, it is answered 429 at once), submits the
-pairs to the model's pipeline (serve/models.py) and awaits the job, racing the client's hang-up
+pairs to the model's pipeline (serve/registry.py) and awaits the job, racing the client's hang-up
 (a hang-up cancels the job, whose pairs are then dropped before they cost compute); the dialect
 renders the scores or the error. Routes: POST /v1/rerank, /v2/rerank, /rerank; GET /health,
 /info, /metrics.
@@ -45,7 +45,7 @@ from xbench.serve.admission import Admission
 from xbench.serve.apis import DIALECTS, Dialect, RerankQuery
 from xbench.serve.auth import SERVER_API_KEY_ENV, Auth
 from xbench.serve.metrics import Metrics
-from xbench.serve.models import Models
+from xbench.serve.registry import Models
 from xbench.workload import without_lone_surrogates
 
 log = logging.getLogger(__name__)

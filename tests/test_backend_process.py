@@ -18,7 +18,7 @@ import pytest
 
 from xbench.config import compose_config
 from xbench.core.model_pool import ModelPool, default_mode
-from xbench.core.model_process import _release_memory
+from xbench.core.backend_process import _release_memory
 from xbench.core.pipeline import Pipeline
 from serving import start_server
 from xbench.workload import synthetic

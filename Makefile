@@ -1,8 +1,12 @@
 # Two commands on a fresh machine: `make demo` (install + a demo measurement), `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel on Linux; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# PyTorch's CPU wheel, from its CPU index, where no CUDA GPU is present (PyPI's torch is the
+# multi-GB CUDA build); PyPI's where `nvidia-smi` finds one. Override with TORCH_INDEX=URL, or
+# TORCH_INDEX= for PyPI alone.
+TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+PIP_TORCH = pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 EXTRAS ?= dev,onnx,openvino,mlx,baseline,ctranslate2,ray,standins
 
 INFINITY_VENV ?= .venv-infinity
@@ -16,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m $(PIP_TORCH)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -27,7 +31,7 @@ peers: $(PEERS_VENV)/.installed
 $(PEERS_VENV)/.installed: pyproject.toml
 	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install -q --upgrade pip
-	$(PEERS_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(PEERS_VENV)/bin/$(PIP_TORCH)
 	$(PEERS_VENV)/bin/pip install -q -e ".[dev,onnx,openvino,ctranslate2,peers]"
 	touch $@
 
@@ -38,7 +42,7 @@ infinity: $(INFINITY_VENV)/.installed
 $(INFINITY_VENV)/.installed:
 	test -x $(INFINITY_VENV)/bin/python || python3 -m venv $(INFINITY_VENV)
 	$(INFINITY_VENV)/bin/pip install -q --upgrade pip
-	$(INFINITY_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(INFINITY_VENV)/bin/$(PIP_TORCH)
 	$(INFINITY_VENV)/bin/pip install -q "infinity-emb[server,torch]==0.0.78"
 	touch $@
 

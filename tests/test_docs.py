@@ -89,6 +89,8 @@ def figures_of(paths: list[Path]) -> set[str]:
                 add(sum(node) / len(node))  # per-round figures: their mean
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             add(float(node))
+        elif isinstance(node, str):  # a figure the benchmark wrote into its own words
+            found.update(n for n in NUMBER.findall(node))
 
     for path in paths:
         walk(json.loads(path.read_text()))

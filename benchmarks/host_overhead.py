@@ -57,6 +57,7 @@ class StandInBackend:
 
     packed = True
     varlen_attention = True
+    flat_input = True
     gpu = threading.Lock()
 
     def __init__(self, gpu_s: float, launch_s: float = 0.0):

@@ -83,14 +83,14 @@ def test_a_batch_goes_flat_to_a_backend_that_takes_it_so_and_padded_to_others():
             return np.zeros(len(ids), np.float32)
 
     class Flat(Padded):
-        packed = True
+        packed = flat_input = True
 
         def forward_packed(self, ids, types, lengths):
             self.flat = (ids, types, lengths)
             return np.ones(len(lengths), np.float32)
 
-    class PaddedAfterAll(Flat):  # takes flat batches, but its model runs padded ones (packed=false)
-        packed = False
+    class PaddedAfterAll(Flat):  # has forward_packed, but declares that it takes padded batches
+        flat_input = False
 
     padded, flat, padded_after_all = Padded(), Flat(), PaddedAfterAll()
     assert batch.forward(padded_after_all).tolist() == [0, 0] and not hasattr(padded_after_all, "flat")

@@ -17,7 +17,20 @@ from xbench.errors import BackendUnavailable, ConfigError, missing_modules, requ
 
 
 class Backend(Protocol):
-    """Runs one model on one device at one precision. One instance per model worker."""
+    """Runs one model on one device at one precision. One instance per model worker.
+
+    The batch layout a backend takes is its own declaration, read in one place (`takes_flat`,
+    used by ModelBatch.forward): flat batches go to `forward_packed`, padded ones to `forward`.
+    A backend may also have `close()`, called on the worker's thread at shutdown (MLX has one).
+    """
+
+    # Whether the dense layers run on the real tokens only (no compute spent on padding), and
+    # whether attention costs each pair's own length squared rather than the batch's longest;
+    # the batch planner's cost model and the padding-efficiency counters read them.
+    packed: bool
+    varlen_attention: bool
+    # The layout it takes: True, flat batches (xbench/layout.py) through `forward_packed`.
+    flat_input: bool
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         """Logits of one padded batch as float32 [rows]."""
@@ -27,14 +40,16 @@ class Backend(Protocol):
         """What results and /info should record about this backend (versions, threads)."""
         ...
 
-    # Whether the dense layers run on the real tokens only (no compute spent on padding), and
-    # whether attention costs each pair's own length squared rather than the batch's longest;
-    # the batch planner's cost model and the padding-efficiency counters read them. False if absent.
-    packed: bool
-    varlen_attention: bool
-    # Optional `forward_packed(flat_ids, flat_types, lengths)`: the same logits from a flat batch
-    # (xbench/layout.py), which the model pool passes instead to a packed backend that has it.
-    # Optional `close()`: called on the worker's thread when the pool shuts down (MLX has one).
+
+class FlatBackend(Backend, Protocol):
+    def forward_packed(self, flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Logits of one flat batch: the pairs' tokens back to back, `lengths` a pair."""
+        ...
+
+
+def takes_flat(backend: Any) -> bool:
+    """The layout a backend declared (padded where it declared none)."""
+    return bool(getattr(backend, "flat_input", False))
 
 
 # What a precision computes where it is not all one type: results name this, not only the precision

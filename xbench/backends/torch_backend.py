@@ -13,7 +13,7 @@ import torch
 from xbench.backends.base import MIXED, relevance
 from xbench.backends.decoder import LabelScorer, load_causal_lm
 from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs
-from xbench.layout import pad, unpad
+from xbench.layout import unpad
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Layers kept in fp32 under int8 and int4: the last layer and every head feed the score directly,
@@ -139,6 +139,7 @@ class TorchBackend:
         if self.packed:
             model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
         self.varlen_attention = self.packed
+        self.flat_input = self.packed  # a packed model takes flat batches as they leave the batcher
         # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens.
         self.flash_varlen = self.packed and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
         self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
@@ -173,7 +174,7 @@ class TorchBackend:
         return {name: torch.from_numpy(arrays[name]).to(self.device, non_blocking=True) for name in self.input_names}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
-        if self.packed:
+        if self.packed:  # a padded batch from outside the pipeline (a test, a benchmark)
             return self.forward_packed(*unpad(input_ids, attention_mask, token_type_ids))
         with torch.inference_mode(), torch.cuda.stream(self.stream):  # the stream: a no-op off CUDA
             out = self.model(**self._inputs(input_ids, attention_mask, token_type_ids))
@@ -184,8 +185,6 @@ class TorchBackend:
         """Logits of a flat batch (the model pool's way in): a packed model takes it as it is,
         with its layout worked out on the host, so no padded batch is built and taken apart
         again, and the GPU is not synchronised to learn where the real tokens are."""
-        if not self.packed:
-            return self.forward(*pad(flat_ids, flat_types, lengths))
         with torch.inference_mode(), torch.cuda.stream(self.stream):
             if self.graphed is not None:
                 return relevance(self.graphed.forward(flat_ids, flat_types, lengths).numpy())

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xbench.backends.base import takes_flat
 from xbench.core.memory import MemoryReleaser
 from xbench.core.processes import WorkerProcesses
 
@@ -63,7 +64,7 @@ def _traits() -> dict[str, Any]:
     return {"packed": bool(getattr(_backend, "packed", False)),
             "varlen_attention": bool(getattr(_backend, "varlen_attention", False)),
             "graphed": getattr(_backend, "graphed", None) is not None,
-            "forward_packed": hasattr(_backend, "forward_packed"),
+            "flat_input": takes_flat(_backend),
             "describe": _backend.describe()}
 
 
@@ -82,7 +83,8 @@ class BackendProcess:
         self.packed = self._traits["packed"]
         self.varlen_attention = self._traits["varlen_attention"]
         self.graphed = True if self._traits["graphed"] else None
-        if self._traits["forward_packed"]:  # a packed backend without it gets padded batches
+        self.flat_input = self._traits["flat_input"]  # the layout of the backend it runs
+        if self.flat_input:
             self.forward_packed = functools.partial(self._run, "forward_packed")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:

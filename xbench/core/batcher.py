@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from xbench.backends.base import Backend
+from xbench.backends.base import Backend, takes_flat
 from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.cost_model import CostModel
@@ -79,9 +79,9 @@ class ModelBatch:
         return pad(self.flat_ids, self.flat_types, self.lengths)
 
     def forward(self, backend: Backend) -> np.ndarray:
-        """The backend's logits for this batch: passed flat to a packed backend that takes it so
-        (`forward_packed`), padded to any other (once: the padded batch is kept)."""
-        if getattr(backend, "packed", False) and hasattr(backend, "forward_packed"):
+        """The backend's logits for this batch, in the layout it declared: flat, or padded (once:
+        the padded batch is kept)."""
+        if takes_flat(backend):
             return backend.forward_packed(self.flat_ids, self.flat_types, self.lengths)
         return backend.forward(*self.padded)
 

@@ -102,15 +102,27 @@ def first_number(cell: str) -> float | None:
     return float(m.group().replace(",", "")) if m else None
 
 
+def half_ulp(cell: str) -> float:
+    """Half the last printed digit of a cell's first number: how far rounding may have moved it."""
+    m = NUMBER.search(re.sub(r"`[^`]*`", "", cell))
+    text = m.group() if m else ""
+    return 0.5 * 10 ** -(len(text.split(".")[1]) if "." in text else 0)
+
+
 def ratio_of_column(table: Table, r: int, c: int, figure: str) -> bool:
     """A "÷ …" or "× …" column holds the figure to its left over that column's figure in the row
     whose ratio is 1 (the baseline), at the precision printed."""
     if c == 0 or c >= len(table.header) or not table.header[c].startswith(("÷", "×")):
         return False
-    base = next((row[c - 1] for row in table.rows if c < len(row) and first_number(row[c]) == 1.0), None)
-    mine, base = first_number(table.rows[r][c - 1]), first_number(base) if base else None
+    base_cell = next((row[c - 1] for row in table.rows if c < len(row) and first_number(row[c]) == 1.0), None)
+    mine_cell = table.rows[r][c - 1]
+    mine, base = first_number(mine_cell), first_number(base_cell) if base_cell else None
+    if not (mine and base):
+        return False
     decimals = len(figure.split(".")[1]) if "." in figure else 0
-    return bool(mine and base) and abs(mine / base - float(figure)) <= 0.5 * 10 ** -decimals + 1e-9
+    # the ratio of the printed operands, within the rounding of the figure and of both operands
+    slack = 0.5 * 10 ** -decimals + mine / base * (half_ulp(mine_cell) / mine + half_ulp(base_cell) / base)
+    return abs(mine / base - float(figure)) <= slack + 1e-9
 
 
 def measured_tables() -> list[Table]:

@@ -330,6 +330,22 @@ def test_backends_command_prints_the_matrix():
     assert rows["pytorch:cpu"].count("yes") == 5  # fp32 fp16 bf16 int8 int4
 
 
+def test_backends_command_says_which_precisions_this_cpu_computes_natively(monkeypatch):
+    from typer.testing import CliRunner
+
+    import xbench.env
+    from xbench.cli import app
+
+    monkeypatch.setattr(xbench.env, "cpu_features", lambda: ["avx2", "fma"])  # an AVX2-only CPU
+    result = CliRunner().invoke(app, ["backends"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 3}
+    assert "emulated" not in lines["fp32"] and "native" in lines["fp32"]
+    assert "converted to fp32 in software" in lines["bf16"] and "no VNNI" in lines["int8"]
+    openvino = next(line for line in result.output.splitlines() if line.startswith("│ openvino"))
+    assert "no cpu flag" in openvino  # its bf16 needs AVX512-BF16 or AMX
+
+
 def test_large_models_keep_their_onnx_weights_in_a_side_file(tiny_setup, tmp_path, monkeypatch):
     """Past EXTERNAL_DATA_BYTES (protobuf's 2 GiB cap) the weights go to `<file>.data` beside the
     graph; the cached pair loads and computes the same scores."""

@@ -1,4 +1,4 @@
-"""Benchmark: does `xbench compare` call two runs of the same config inconclusive? (issue #12)
+"""Benchmark: does `xbench compare` call two runs of the same config inconclusive?
 
 Measures the demo's pipeline point (default model, batch 16, concurrency 4) --runs times back
 to back, each in its own process as a user's two runs would be, and compares every run with the

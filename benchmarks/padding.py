@@ -1,4 +1,4 @@
-"""Benchmark: does the pipeline's cost follow real tokens? (issue #9's performance bars)
+"""Benchmark: does the pipeline's cost follow real tokens?
 
 In one run on one machine, on a long-tailed and an MS MARCO-shaped workload (requests of
 `batch` documents of one query, cycling over the same pairs), interleaved round by round:

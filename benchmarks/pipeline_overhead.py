@@ -127,10 +127,10 @@ def main(
     console.print(table)
     pipeline_ratio = mean["pipeline-bench"] / raw
     bucketing_gain = raw / mean["raw_naive"]
-    console.print(f"pipeline-bench / raw forward = {pipeline_ratio:.3f} (target >= 0.90); "
+    console.print(f"pipeline-bench / raw forward = {pipeline_ratio:.3f}; "
                   f"bucketed / naive padding = {bucketing_gain:.2f}x")
     console.print(f"concurrency 1, {lone_batch} pairs: direct p50 {lone['direct_p50_ms']:.1f} ms, pipeline p50 "
-                  f"{lone['pipeline_p50_ms']:.1f} ms: the pipeline adds {lone['added_ms']:.2f} ms (target < 2 ms)")
+                  f"{lone['pipeline_p50_ms']:.1f} ms: the pipeline adds {lone['added_ms']:.2f} ms")
     write_json(out, {"env": environment(), "config": to_dict(cfg), "rounds": rounds, "samples_pairs_per_s": samples,
                      "mean_pairs_per_s": mean, "pipeline_over_raw": pipeline_ratio, "bucketing_gain": bucketing_gain,
                      "concurrency_1": lone})

@@ -1,4 +1,4 @@
-"""Benchmark: does `xbench serve` hold under abuse? (issue #11's reliability bars)
+"""Benchmark: does `xbench serve` hold under abuse?
 
 Each case starts a real server on a loopback port, is bounded in time, and ends in one table row:
 what was tried, the statuses it got, requests lost (sent and never answered), the server's RSS

@@ -8,7 +8,7 @@ missing packages as wheels for the image's Python 3.12, at the versions installe
     python scripts/gpu_carry.py prepare                 # here: .gpu/ and .whl/ (both git-ignored)
     python3 scripts/gpu_carry.py restore /tmp/model     # there: the model folder, fp32 again
 
-A device call then carries [".gpu", ".whl"]; issue #9's bar, for instance, is this command:
+A device call then carries [".gpu", ".whl"]; the padding benchmark, for instance, is this command:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/gpu_carry.py restore \
       /tmp/model && set -o pipefail && GPU_MODEL=/tmp/model GPU_PATHS="pytorch:fp16 pytorch:fp16:thread" \

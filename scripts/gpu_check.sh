@@ -7,7 +7,7 @@
 # question, model process against the backend in the main process, is 10 points:
 #   GPU_PATHS="pytorch:fp16 pytorch:fp16:thread" GPU_FIDELITY_PATHS=pytorch:fp16 scripts/gpu_check.sh -d 6 --warmup 3
 #   scripts/gpu_check.sh [extra overrides]    (a later -d or --warmup wins over the defaults)
-# On a lent device with no package index: scripts/gpu_carry.py (its docstring gives the commands).
+# On a device with no package index: scripts/gpu_carry.py (its docstring gives the commands).
 #   GPU_MODEL=DIR            a local model folder instead of the embedded default
 #   GPU_PATHS="pytorch:fp16 ..."  the paths infer- and pipeline-bench run, backend:precision[:variants],
 #                            variants joined by +: graphs (CUDA graphs), thread (model_pool.mode=thread:

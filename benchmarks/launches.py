@@ -47,8 +47,12 @@ def count(rows: int, lengths: str) -> dict:
     import xbench.backends.torch_backend as torch_backend
     from xbench.core import batcher
     from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-    from xbench.checkpoints import resolve_model
     from xbench.workload import synthetic
+
+    try:
+        from xbench.checkpoints import resolve_model
+    except ImportError:  # a revision from before the module had this name
+        from xbench.models import resolve_model
 
     # The CUDA code path, on the CPU: flash attention's variable-length call becomes one copy.
     packed.flash_varlen_available = torch_backend.flash_varlen_available = lambda device, dtype: True

@@ -81,7 +81,8 @@ class StandInBackend:
         return {"engine": "stand-in", "gpu_us_per_pair": self.gpu_s * 1e6, "launch_us_per_batch": self.launch_s * 1e6}
 
 
-def stand_in_backend(gpu_s: float, launch_s: float, inst, model_dir: str, threads: int) -> StandInBackend:
+def stand_in_backend(gpu_s: float, launch_s: float, inst, model_dir: str, threads: int,
+                     label_ids: tuple[int, ...] | None = None) -> StandInBackend:
     """create_backend's stand-in; a module function, so a model process can be sent it."""
     return StandInBackend(gpu_s, launch_s)
 

@@ -225,7 +225,8 @@ def test_load_command_measures_the_server(server, tmp_path):
 
 def test_slo_search_finds_a_rate_that_meets_the_bound(server, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xbench", "load", server.url, "--api", "cohere", "--api-key", KEY,
-                           "-b", "4", "-c", "2", "-d", "1", "--warmup", "0.2", "--slo", "p99_ms=5000", "-o", str(tmp_path)],
+                           "-b", "4", "-c", "2", "-d", "1", "--warmup", "0.2", "--slo", "p99_ms=5000", "-o", str(tmp_path),
+                           "experiment.max_duration_s=1"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "highest rate meeting p99_ms=5000:" in proc.stdout and "requests/s" in proc.stdout

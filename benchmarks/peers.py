@@ -57,7 +57,7 @@ from xbench.bench.runners import progress_bar
 from xbench.config import compose_config
 from xbench.core.pipeline import Pipeline
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
-from xbench.env import cpu_precisions
+from xbench.env import native_flags
 from xbench.checkpoints import resolve_model
 from xbench.results.store import environment, write_json
 from xbench.workload import Pair, Request, synthetic
@@ -205,7 +205,7 @@ def openvino(model_dir: Path, threads: int, precision: str | None) -> Scorer:
     import openvino as ov
     from transformers import AutoTokenizer
 
-    from xbench.backends.openvino_backend import HINTS, OpenVinoBackend, ir_path
+    from xbench.backends.openvino_backend import HINTS, OpenVinoBackend, computed_precision, ir_path
 
     OpenVinoBackend(str(model_dir), "cpu", precision or "fp32", threads=1)  # converts (and quantizes) once
     config: dict = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
@@ -222,9 +222,7 @@ def openvino(model_dir: Path, threads: int, precision: str | None) -> Scorer:
         out = request.infer({k: v for k, v in enc.items() if k in names})
         return next(iter(out.values()))[:, 0]
 
-    floats = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
-    hint = floats.get(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(), "?")
-    return Scorer(score, f"int8 matmuls, {hint} elsewhere" if precision == "int8" else hint)
+    return Scorer(score, computed_precision(compiled, precision or "fp32"))
 
 
 def xbench(overrides: list[str]) -> tuple[Scorer, Pipeline]:
@@ -278,7 +276,7 @@ def main(
     requests = [workload.request(i, batch) for i in range(pairs // batch)]
     every = [pair for r in requests for pair in r.pairs]
     work = Path(tempfile.mkdtemp(prefix="xbench-peers-"))
-    bf16 = cpu_precisions()["bf16"].startswith("native")
+    bf16 = bool(native_flags("bf16"))
     builders: dict[str, Callable[[], Scorer]] = {
         "sentence-transformers fp32": lambda: sentence_transformers(model_dir, threads),
         "optimum (ORT) fp32": lambda: optimum(model_dir, threads, work, int8=False),

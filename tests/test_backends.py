@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from xbench.backends import PRECISIONS, REGISTRY, available_devices, create_backend
-from xbench.backends.openvino_backend import cpu_has_bf16
+from xbench.env import native_flags
 from xbench.config import ModelInstanceConfig, compose_config
 from xbench.bench.batches import padded_batches
 from xbench.core.tokenizer_pool import TokenizerPool, load_tokenizer
@@ -102,7 +102,7 @@ def default_setup():
 # Where the CPU has BF16 instructions the bf16 paths of PyTorch and OpenVINO run at speed and are
 # held to their bar on the full model as well.
 DEFAULT_FIDELITY = [f for f in FIDELITY if f[1] in ("fp32", "int8", "int4")
-                    or (f[1] == "bf16" and f[0] in ("pytorch", "openvino") and cpu_has_bf16())]
+                    or (f[1] == "bf16" and f[0] in ("pytorch", "openvino") and native_flags("bf16"))]
 
 
 @pytest.mark.slow
@@ -174,7 +174,7 @@ def test_openvino_says_what_it_computed(tiny_model):
     fp32 = create_backend(ModelInstanceConfig(backend="openvino", quantization="fp32"), str(tiny_model), threads=1)
     assert fp32.describe()["computed"] == "fp32"
     bf16 = create_backend(ModelInstanceConfig(backend="openvino", quantization="bf16"), str(tiny_model), threads=1)
-    assert bf16.describe()["computed"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert bf16.describe()["computed"] == ("bf16" if native_flags("bf16") else "fp32")
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_by_name(monkeypatch):

@@ -426,7 +426,7 @@ def backends_matrix(
 
     from xbench.backends import PRECISIONS, REGISTRY, available_devices
 
-    from xbench.env import cpu_features
+    from xbench.env import cpu_features, cpu_name, cpu_precisions
 
     present, flags = set(available_devices()), set(cpu_features())
     try:  # MLX names Apple's GPU "gpu"; we call it mps, as torch does
@@ -462,8 +462,6 @@ def backends_matrix(
     console.print(table)
     console.print("[dim]yes: runs here · extra: install the named extra · no device: device absent · no cpu flag: "
                   "this CPU lacks its instructions · -: not supported[/]")
-    from xbench.env import cpu_name, cpu_precisions
-
     cpu = Table(title=f"Precisions on this CPU ({cpu_name()})", header_style="bold")
     cpu.add_column("precision")
     cpu.add_column("computed as")

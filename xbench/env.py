@@ -53,12 +53,16 @@ EMULATED = {"bf16": "converted to fp32 in software (slower than fp32)",
             "int8": "8-bit multiply-adds in three AVX2/AVX-512 steps, no VNNI (a smaller gain)"}
 
 
+def native_flags(precision: str) -> list[str]:
+    """The flags of this CPU that compute `precision` directly (empty: emulated; fp32 is always native)."""
+    return [f for f in cpu_features() if f in NATIVE_PRECISION.get(precision, ())]
+
+
 def cpu_precisions() -> dict[str, str]:
     """Per precision on this CPU: 'native (flags)' or how it is emulated."""
-    flags = set(cpu_features())
     out = {"fp32": "native"}
-    for precision, needs in NATIVE_PRECISION.items():
-        have = [f for f in needs if f in flags]
+    for precision in NATIVE_PRECISION:
+        have = native_flags(precision)
         out[precision] = f"native ({', '.join(have)})" if have else EMULATED[precision]
     return out
 

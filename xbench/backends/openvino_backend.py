@@ -120,10 +120,11 @@ def _build(model_dir: Path, precision: str, out: Path, trust_remote_code: bool) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cpu_has_bf16() -> bool:
-    from xbench.env import NATIVE_PRECISION, cpu_features
-
-    return bool(set(NATIVE_PRECISION["bf16"]) & set(cpu_features()))
+def computed_precision(compiled: Any, precision: str) -> str:
+    """What a compiled model computes in, read back from it (its precision hint), not what was asked."""
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    floats = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(hint, hint)
+    return f"int8 matmuls, {floats} elsewhere" if precision == "int8" else floats
 
 
 class OpenVinoBackend:
@@ -137,14 +138,19 @@ class OpenVinoBackend:
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": threads,
                   "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+
+
+        def compile_ir() -> Any:
+            return core.compile_model(core.read_model(str(self.path)), "CPU", config)
+
         try:
-            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config) if self.path.is_file() else None
+            self.compiled = compile_ir() if self.path.is_file() else None
         except Exception as exc:  # a partial or stale file is rebuilt, never used
             log.warning("cached OpenVINO IR %s is unusable (%s); rebuilding it", self.path, exc)
             self.compiled = None
         if self.compiled is None:
             _build(Path(model_dir), precision, self.path, trust_remote_code)
-            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+            self.compiled = compile_ir()
         self.request = self.compiled.create_infer_request()
         self._names = {i.get_any_name() for i in self.compiled.inputs}
         self.version = ov.get_version()
@@ -155,10 +161,7 @@ class OpenVinoBackend:
         return relevance(next(iter(outputs.values())))
 
     def computed(self) -> str:
-        """What the plugin computes in, read back from the compiled model (not the request)."""
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        floats = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(hint, hint)
-        return f"int8 matmuls, {floats} elsewhere" if self.precision == "int8" else floats
+        return computed_precision(self.compiled, self.precision)
 
     def describe(self) -> dict[str, Any]:
         d = {"engine": "openvino", "openvino": self.version, "threads": self.threads, "precision": self.precision,

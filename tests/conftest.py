@@ -79,7 +79,7 @@ def write_bpe_tokenizer(out: Path, vocab_size: int = 1500) -> Path:
 
 
 def write_tiny_decoder(out: Path, family: str, seed: int = 0, marker: dict | None = None) -> Path:
-    """A tiny random causal LM of `family` (qwen3, qwen2, gemma) over write_bpe_tokenizer's
+    """A tiny random causal LM of `family` (qwen3, qwen2, gemma, gemma2) over write_bpe_tokenizer's
     vocabulary; std 0.3 so the label logits of pairs differ enough to rank."""
     import torch
     import transformers
@@ -91,7 +91,8 @@ def write_tiny_decoder(out: Path, family: str, seed: int = 0, marker: dict | Non
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, initializer_range=0.3)
     config = {"qwen3": lambda: transformers.Qwen3Config(**common, tie_word_embeddings=True),
               "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=False),
-              "gemma": lambda: transformers.GemmaConfig(**common, tie_word_embeddings=True)}[family]()
+              "gemma": lambda: transformers.GemmaConfig(**common, tie_word_embeddings=True),
+              "gemma2": lambda: transformers.Gemma2Config(**common, tie_word_embeddings=True)}[family]()
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.eval().save_pretrained(out, safe_serialization=True)

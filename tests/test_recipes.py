@@ -131,14 +131,39 @@ def test_the_query_side_is_tokenized_once_per_request(decoders, monkeypatch):
     assert sum(calls) == 1
 
 
-@pytest.mark.parametrize("recipe", ["qwen3-reranker", "bge-reranker-gemma"])
-def test_the_shared_prefix_gives_the_unshared_scores(decoders, recipe):
+@pytest.mark.parametrize("recipe", list(FAMILY))
+def test_packed_and_shared_give_the_padded_unshared_scores(decoders, recipe):
+    """Every way of running a decoder (packed or padded, prefix shared or not) gives the same
+    scores: one query, two queries, and a batch of one."""
     one_query = long_tailed_pairs(16)
     two_queries = one_query[:8] + [("another query entirely", d) for _, d in one_query[8:]]
-    for pairs in (one_query, two_queries):
-        shared = pipeline_scores(decoders[recipe], pairs)
-        apart = pipeline_scores(decoders[recipe], pairs, "model_pool.instances.0.shared_prefix=false")
-        assert np.abs(shared - apart).max() <= 1e-4
+    plain = ("model_pool.instances.0.packed=false", "model_pool.instances.0.shared_prefix=false")
+    for pairs in (one_query, two_queries, one_query[:1]):
+        want = pipeline_scores(decoders[recipe], pairs, *plain)
+        for packed in ("true", "false"):
+            for shared in ("true", "false"):
+                got = pipeline_scores(decoders[recipe], pairs, f"model_pool.instances.0.packed={packed}",
+                                      f"model_pool.instances.0.shared_prefix={shared}")
+                assert np.abs(got - want).max() <= 1e-4, (packed, shared)
+
+
+def test_the_prefix_tree_runs_each_shared_prefix_once():
+    from xbench.backends.decoder import PrefixTree
+
+    system, qa, qb = list(range(100, 112)), list(range(200, 210)), [300, 301]
+    rows = [system + qa + [1, 2, 3], system + qa + [4], system + qa + [5, 6], system + qb + [7, 8], [9, 9, 9]]
+    lengths = np.array([len(r) for r in rows])
+    tree = PrefixTree.of(np.concatenate(rows).astype(np.int32), lengths, min_shared=8)
+    # the system prompt once, the first query once (the second is too short to run apart), five leaves
+    assert tree.nodes == 7 and len(tree.ids) == 12 + 10 + 3 + 1 + 2 + 4 + 3
+    for r, row in enumerate(rows):  # each pair's keys are its own tokens, in order, ending at its last
+        keys = tree.ids[tree.last_keys[tree.cu_last_k[r]:tree.cu_last_k[r + 1]]]
+        assert keys.tolist() == row and tree.ids[tree.last[r]] == row[-1]
+        assert tree.positions[tree.last[r]] == len(row) - 1
+    alone = PrefixTree.of(np.concatenate(rows).astype(np.int32), lengths, min_shared=0)
+    assert alone.nodes == 5 and len(alone.ids) == lengths.sum()
+    same = PrefixTree.of(np.array([1, 2, 3, 1, 2, 3], dtype=np.int32), np.array([3, 3]), min_shared=1)
+    assert same.nodes == 3 and same.ids[same.last].tolist() == [3, 3]  # the last token stays in each row
 
 
 def test_the_shared_prefix_is_what_every_row_begins_with_short_of_its_last_token():
@@ -247,8 +272,10 @@ def test_a_bad_template_is_refused_at_compose_time(template, fragment):
     assert fragment in str(err.value) and "model_pool.instances.0.template" in str(err.value)
 
 
-def test_packed_is_refused_for_an_llm_reranker_before_it_loads(decoders):
-    assert "packed=true" in refusal(decoders["qwen3-reranker"], "model_pool.instances.0.packed=true")
+def test_packed_is_refused_for_a_decoder_it_does_not_run_before_it_loads(tmp_path):
+    gemma2 = write_tiny_decoder(tmp_path, "gemma2", marker={"scoring": "bge-reranker-gemma"})
+    message = refusal(gemma2, "model_pool.instances.0.packed=true")
+    assert "packed=true" in message and "gemma2" in message and "qwen3" in message
 
 
 @pytest.mark.parametrize("backend", ["onnx", "ctranslate2", "mlx", "compiled"])

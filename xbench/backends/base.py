@@ -175,17 +175,23 @@ def check_instance(inst: Any, key: str = "model_pool.instances.0") -> None:
         raise ConfigError(f"{key}.device={device!r} is not present on this machine; available: {', '.join(available_devices())}")
 
 
-def check_recipe(inst: Any, recipe: Any, key: str = "model_pool.instances.0") -> None:
-    """Before anything loads: a backend that cannot run the model's recipe is refused by name."""
+def check_recipe(inst: Any, recipe: Any, key: str = "model_pool.instances.0", config: dict | None = None) -> None:
+    """Before anything loads: a backend that cannot run the model's recipe (on the model's
+    config.json) is refused by name."""
+    if recipe.is_classifier:
+        return
     backend, _ = normalize(inst.backend, inst.device)
-    spec = REGISTRY[backend]
-    if not recipe.is_classifier and not spec.reads_labels:
+    if not REGISTRY[backend].reads_labels:
         able = ", ".join(n for n, s in REGISTRY.items() if s.reads_labels)
         raise ConfigError(f"{key}.backend={backend!r} runs cross-encoder classifiers only; the model's recipe "
                           f"{recipe.name} (an LLM reranker read at its label tokens) runs on {able}")
-    if not recipe.is_classifier and getattr(inst, "packed", None):
-        raise ConfigError(f"{key}.packed=true: packed execution runs encoders; the LLM reranker of recipe "
-                          f"{recipe.name} runs padded (length-sorted, with its shared prefix)")
+    from xbench.backends.decoder import PACKED_DECODERS, PackedDecoder
+
+    config = config or {}
+    if getattr(inst, "packed", None) and not PackedDecoder.supports(config):
+        raise ConfigError(f"{key}.packed=true: packed execution runs the decoders {', '.join(PACKED_DECODERS)} "
+                          f"(full attention); this {config.get('model_type', 'model')} runs padded "
+                          f"(length-sorted, with its shared prefix)")
 
 
 def create_backend(inst: Any, model_dir: str, threads: int, label_ids: tuple[int, ...] | None = None) -> Backend:

@@ -197,18 +197,28 @@ def attention(qkv: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                     max_q: int, max_k: int) -> torch.Tensor:
+                     max_q: int, max_k: int, causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Each pair's queries over its own keys, all packed [tokens, heads, head_dim]; pair i owns
-    rows cu[i]:cu[i + 1]. On CUDA (fp16/bf16) flash attention's variable-length kernel, called
-    without the Python wrapper around it (a host cost on every layer); elsewhere a loop of SDPA
-    calls, the reference the tests hold the CUDA path's host-side packing to."""
+    rows cu[i]:cu[i + 1]. Keys may have fewer heads than queries (grouped-query attention).
+    `causal`: query j of n sees keys up to its own place counted from the end (bottom-right: a
+    sequence's last queries over keys that begin with an earlier prefix's). On CUDA (fp16/bf16)
+    flash attention's variable-length kernel, called without the Python wrapper around it (a host
+    cost on every layer); elsewhere a loop of SDPA calls, the reference the tests hold the CUDA
+    path's host-side packing to."""
     if q.is_cuda:
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                                      scale=scale)[0]
     out = q.new_zeros(q.shape)  # a pair without keys (a CUDA graph's spare rows) reads zeros, as in flash
+    grouped = k.shape[1] != q.shape[1]
     qo, ko = cu_q.tolist(), cu_k.tolist()
     for a, b, c, d in zip(qo, qo[1:], ko, ko[1:]):
         if b > a and d > c:
-            out[a:b] = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))).transpose(0, 1)
+            mask = None
+            if causal and d - c != b - a:
+                mask = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril_((d - c) - (b - a))
+            heads_first = (t.transpose(0, 1)[None] for t in (q[a:b], k[c:d], v[c:d]))
+            out[a:b] = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, scale=scale, enable_gqa=grouped,
+                                                      is_causal=causal and mask is None)[0].transpose(0, 1)
     return out
 
 

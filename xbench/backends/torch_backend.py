@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from xbench.backends.base import MIXED, relevance
-from xbench.backends.decoder import LabelScorer, load_causal_lm
+from xbench.backends.decoder import LabelScorer, PackedDecoder, load_causal_lm
 from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs
 from xbench.layout import unpad
 
@@ -128,20 +128,22 @@ class TorchBackend:
         self.device = torch.device(device)
         self.precision = precision
         self.threads = threads
-        if label_ids:  # an LLM reranker: the label rows of its LM head at the last token (decoder.py)
-            model = LabelScorer(load_causal_lm(model_dir, trust_remote_code), label_ids, shared_prefix)
+        self.decoder = bool(label_ids)
+        if self.decoder:  # an LLM reranker: the label rows of its LM head at the last token (decoder.py)
+            lm = load_causal_lm(model_dir, trust_remote_code)
             self.input_names: tuple[str, ...] = ("input_ids", "attention_mask")
-            packed = False  # decoders run padded (check_recipe refuses packed=true before loading)
+            self.packed = PackedDecoder.supports(lm.config) if packed is None else packed
+            model = (PackedDecoder if self.packed else LabelScorer)(lm, label_ids, shared_prefix)
         else:
             model = load_torch_model(model_dir, trust_remote_code)
             self.input_names = accepted_inputs(model)
-        self.packed = PackedEncoder.supports(model) if packed is None else packed
-        if self.packed:
-            model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
+            self.packed = PackedEncoder.supports(model) if packed is None else packed
+            if self.packed:
+                model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
         self.varlen_attention = self.packed
         self.flat_input = self.packed  # a packed model takes flat batches as they leave the batcher
         # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens.
-        self.flash_varlen = self.packed and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
+        self.flash_varlen = self.packed and not self.decoder and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
         self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
         self._copied: torch.cuda.Event | None = None  # ... and when its last copy to the GPU is done
         if precision == "int8":
@@ -186,6 +188,8 @@ class TorchBackend:
         with its layout worked out on the host, so no padded batch is built and taken apart
         again, and the GPU is not synchronised to learn where the real tokens are."""
         with torch.inference_mode(), torch.cuda.stream(self.stream):
+            if self.decoder:  # its own layout: the prefix tree, worked out on the host
+                return relevance(self.model(self.model.tree(flat_ids, lengths)).float().cpu().numpy())
             if self.graphed is not None:
                 return relevance(self.graphed.forward(flat_ids, flat_types, lengths).numpy())
             shape, inputs = pack_inputs(flat_ids, flat_types, lengths, self.model.position_offset)

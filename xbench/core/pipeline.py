@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -64,7 +65,7 @@ class Pipeline:
         inst = cfg.model_pool.instances[instance_index]
         key = f"model_pool.instances.{instance_index}"
         model = resolve_instance(inst, key)
-        check_recipe(inst, model.recipe, key)
+        check_recipe(inst, model.recipe, key, json.loads((model.path / "config.json").read_text()))
         backend, device = normalize(inst.backend, inst.device)
         tokenizers = TokenizerPool.for_model(model.path, effective_max_length(model, inst.max_length),
                                              cfg.tokenizer_pool, device, model.recipe)

@@ -1,8 +1,9 @@
 """Benchmark: a reranker family through xbench against what a user runs instead, same pairs.
 
---family qwen3 (an LLM reranker against the plain transformers recipe) or modernbert (the
-ModernBERT-base stand-in against sentence-transformers' CrossEncoder on the same folder, given the
-same threads and its input sorted by length).
+--family qwen3 (an LLM reranker against the plain transformers recipe and sentence-transformers'
+CrossEncoder) or modernbert (the ModernBERT-base stand-in against sentence-transformers'
+CrossEncoder on the same folder). Every peer gets the threads xbench's model worker uses and its
+input sorted by length.
 
 On the Qwen3-Reranker-0.6B stand-in (`xbench/qwen3-reranker-0.6b-seeded`; or --model for any
 folder with a label-logits recipe), for each workload (MS MARCO-shaped and long-tailed), rounds
@@ -13,8 +14,10 @@ alternating, each path scoring the same pairs from strings (tokenizing included)
               at the last position only (`logits_to_keep=1`: the model card's snippet computes
               every position's vocabulary, several GB a batch, which no careful user keeps),
               logit("yes") - logit("no")
+  sentence-transformers  CrossEncoder on the same folder, the recipe's prompt as its chat template
   xbench      the pipeline of the default config (`Pipeline.submit`, requests of --batch documents),
-              fp32, fp32 with the shared prefix off (its gain on its own), and at --precision
+              fp32 (packed, the shared prefix run once), fp32 with the shared prefix off and fp32
+              padded (`packed=false`): each one's gain on its own; and at --precision
 
 Every row reports pairs/s, its ratio to the reference in the same round, and Spearman's rho of its
 scores against the reference's.
@@ -37,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench.config import compose_config
+from xbench.core.model_pool import default_workers, threads_per_worker
 from xbench.core.pipeline import Pipeline
 from xbench.checkpoints import resolve_instance
 from xbench.recipes import QWEN3
@@ -81,11 +85,17 @@ class Reference:
 
 class SentenceTransformersCrossEncoder:
     """sentence-transformers' CrossEncoder on the model folder: raw logits, batches of --batch over
-    the pairs sorted by length (the fair chance xbench's batcher gets), in the caller's order."""
+    the pairs sorted by length (the fair chance xbench's batcher gets), in the caller's order. A
+    causal LM loads as sentence-transformers loads one (AutoModelForCausalLM, left padding, the
+    last position's logits only, logit("yes") - logit("no")), its prompt from a chat template with
+    `query` and `document` roles: the one published Qwen3-Reranker checkpoints carry, written here
+    from the recipe into a copy of the folder (the weights linked, not copied)."""
 
-    def __init__(self, model_dir: Path, max_length: int, batch: int):
+    def __init__(self, model_dir: Path, max_length: int, batch: int, recipe=None):
         from sentence_transformers import CrossEncoder
 
+        if recipe is not None:
+            model_dir = with_chat_template(model_dir, recipe)
         self.model = CrossEncoder(str(model_dir), max_length=max_length, device="cpu")
         self.batch = batch
 
@@ -98,6 +108,25 @@ class SentenceTransformersCrossEncoder:
         out = np.empty(len(pairs), dtype=np.float32)
         out[order] = np.asarray(scores, dtype=np.float32).reshape(len(pairs))
         return out
+
+
+def with_chat_template(model_dir: Path, recipe) -> Path:
+    """A copy of a model folder (files linked) whose tokenizer carries the recipe's prompt as a
+    chat template over the roles sentence-transformers gives a pair: `query` and `document`."""
+    import json
+    import tempfile
+
+    role = '{{{{ (messages | selectattr("role", "eq", "{}") | first).content }}}}'
+    text = (recipe.head[0] + recipe.query.replace("{instruction}", recipe.instruction).replace("{query}", role.format("query"))
+            + recipe.document.replace("{document}", role.format("document")) + recipe.tail[0])
+    out = Path(tempfile.mkdtemp(prefix="xbench-st-"))
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            (out / f.name).symlink_to(f)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = text + "\n"  # Jinja drops a template's one trailing newline
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,10 +159,20 @@ def main(
     model = model or (QWEN3_STANDIN if family == "qwen3" else MODERNBERT_STANDIN)
     base = [f"model_pool.instances.0.name={model}", f"model_pool.instances.0.max_length={max_length}",
             f"model_pool.instances.0.device={device}"]
-    resolved = resolve_instance(compose_config(base).model_pool.instances[0])
+    composed = compose_config(base)
+    resolved = resolve_instance(composed.model_pool.instances[0])
+    # The peers run on as many threads as xbench's model workers have in all (its default on the
+    # CPU: one worker on every core).
+    workers = composed.model_pool.workers or default_workers(device)
+    torch.set_num_threads(workers * threads_per_worker(workers, composed.model_pool.threads_per_worker))
+    peers = {}
     if family == "qwen3":
         reference = Reference(resolved.path, max_length, batch, device, reference_precision)
-        paths = {"xbench fp32": base, "xbench fp32, prefix not shared": [*base, "model_pool.instances.0.shared_prefix=false"]}
+        if device == "cpu":
+            peers["sentence-transformers CrossEncoder fp32 (sorted)"] = SentenceTransformersCrossEncoder(
+                resolved.path, max_length, batch, QWEN3)
+        paths = {"xbench fp32": base, "xbench fp32, prefix not shared": [*base, "model_pool.instances.0.shared_prefix=false"],
+                 "xbench fp32, padded": [*base, "model_pool.instances.0.packed=false"]}
     else:
         reference = SentenceTransformersCrossEncoder(resolved.path, max_length, batch)
         paths = {"xbench fp32": base}
@@ -152,14 +191,16 @@ def main(
             query, _ = workload.pairs(1)[0]
             docs = [d for _, d in workload.pairs(pairs + 1)[1:]]
             sample = [(query, d) for d in docs]  # one query, as a reranker sees its candidates
-            times: dict[str, list[float]] = {"reference": [], **{n: [] for n in pipes}}
+            times: dict[str, list[float]] = {"reference": [], **{n: [] for n in peers}, **{n: [] for n in pipes}}
             scores: dict[str, np.ndarray] = {}
             for r in range(rounds):
                 for name in times:
                     with console.status(f"{lengths}, round {r + 1}/{rounds}: {name} ..."):
                         t0 = time.perf_counter()
-                        scores[name] = (reference.score(sample) if name == "reference"
-                                        else xbench_scores(pipes[name], sample, batch))
+                        if name in pipes:
+                            scores[name] = xbench_scores(pipes[name], sample, batch)
+                        else:
+                            scores[name] = (peers.get(name) or reference).score(sample)
                         times[name].append(time.perf_counter() - t0)
             rows = {}
             for name, spent in times.items():

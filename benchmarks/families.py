@@ -175,7 +175,7 @@ def main(
                  "xbench fp32, padded": [*base, "model_pool.instances.0.packed=false"]}
     else:
         reference = SentenceTransformersCrossEncoder(resolved.path, max_length, batch)
-        paths = {"xbench fp32": base}
+        paths = {"xbench fp32": base, "xbench fp32, padded": [*base, "model_pool.instances.0.packed=false"]}
     if precision:
         paths[f"xbench {precision}"] = [*base, f"model_pool.instances.0.quantization={precision}"]
     pipes = {}

@@ -298,8 +298,8 @@ def test_the_cli_refuses_a_causal_lm_in_one_line(tmp_path):
 
 # -- ModernBERT: a classifier family beyond BERT's ----------------------------------------------
 
-@pytest.fixture(scope="module")
-def modernbert(tmp_path_factory) -> Path:
+def write_tiny_modernbert(out: Path, pooling: str = "cls") -> Path:
+    """Three layers, local windows of ±8 tokens (so long-tailed pairs cross them), global every 2nd."""
     from conftest import write_tiny_model
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
@@ -307,34 +307,47 @@ def modernbert(tmp_path_factory) -> Path:
     cfg = ModernBertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                            num_attention_heads=2, global_attn_every_n_layers=2, local_attention=16,
                            max_position_embeddings=512, pad_token_id=0, cls_token_id=101, sep_token_id=102,
-                           bos_token_id=101, eos_token_id=102, num_labels=1, initializer_range=0.3)
-    return write_tiny_model(tmp_path_factory.mktemp("modernbert"), ModernBertForSequenceClassification(cfg))
+                           bos_token_id=101, eos_token_id=102, num_labels=1, initializer_range=0.3,
+                           classifier_pooling=pooling)
+    return write_tiny_model(out, ModernBertForSequenceClassification(cfg))
 
 
-def test_modernbert_scores_as_transformers_does(modernbert):
+@pytest.fixture(scope="module")
+def modernbert(tmp_path_factory) -> Path:
+    return write_tiny_modernbert(tmp_path_factory.mktemp("modernbert"))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_modernbert_scores_as_transformers_does_packed_and_padded(tmp_path, pooling):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    model_dir = write_tiny_modernbert(tmp_path, pooling)
     pairs = long_tailed_pairs(24)
-    got = pipeline_scores(modernbert, pairs, "model_pool.instances.0.max_length=128")
-    tok = AutoTokenizer.from_pretrained(modernbert)
-    model = AutoModelForSequenceClassification.from_pretrained(modernbert, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         want = np.concatenate([model(**tok([q], [d], truncation=True, max_length=128, return_tensors="pt")).logits[:, 0]
                                .numpy() for q, d in pairs])
-    assert np.abs(got - want).max() <= 1e-4 and np.std(want) > 1e-3
+    assert np.std(want) > 1e-3
+    for packed in ("true", "false"):
+        got = pipeline_scores(model_dir, pairs, "model_pool.instances.0.max_length=128",
+                              f"model_pool.instances.0.packed={packed}")
+        assert np.abs(got - want).max() <= 1e-4, packed
 
 
 def test_int8_keeps_each_familys_last_layer_and_heads_in_fp32(modernbert, decoders):
     from transformers import AutoModelForSequenceClassification
 
-    from xbench.backends.decoder import LabelScorer, load_causal_lm
+    from xbench.backends.decoder import LabelScorer, PackedDecoder, load_causal_lm
     from xbench.backends.torch_backend import quantizable_linears
 
     encoder = quantizable_linears(AutoModelForSequenceClassification.from_pretrained(modernbert))
     assert encoder and not any(n.startswith(("head.", "classifier")) or ".layers.2." in n for n in encoder)
     assert any(".layers.0." in n for n in encoder)
-    decoder = quantizable_linears(LabelScorer(load_causal_lm(str(decoders["qwen3-reranker"])), (1, 2)))
-    assert decoder and not any(".layers.1." in n for n in decoder) and any(".layers.0." in n for n in decoder)
+    lm = load_causal_lm(str(decoders["qwen3-reranker"]))
+    for scorer in (LabelScorer(lm, (1, 2)), PackedDecoder(lm, (1, 2))):
+        decoder = [f".{n}" for n in quantizable_linears(scorer)]
+        assert decoder and not any(".layers.1." in n for n in decoder) and any(".layers.0." in n for n in decoder)
 
 
 def test_serve_refuses_a_random_head_with_503_failed_and_the_reason(tmp_path):

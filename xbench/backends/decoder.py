@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xbench.backends.packed import varlen_attention
+from xbench.backends.packed import rotate, varlen_attention
 from xbench.layout import run_positions
 
 MIN_SHARED = 8  # prefix tokens worth a pass of their own
@@ -212,13 +212,6 @@ def _sorted_common_prefixes(flat_ids: np.ndarray, lengths: np.ndarray, offsets: 
     return order, np.minimum(common, np.minimum(by_length[1:], by_length[:-1]) - 1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on [tokens, heads, head_dim] with cos/sin [tokens, 1, head_dim] (the halves convention
-    of transformers' Llama family)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
 class PackedDecoder(torch.nn.Module):
     """A causal LM's decoder on a PrefixTree of packed tokens, read through its label rows: the
     model's own modules (embeddings, norms, projections, MLPs, rotary tables), re-wired, so every
@@ -294,4 +287,4 @@ class PackedDecoder(torch.nn.Module):
         v = attn.v_proj(h).unflatten(-1, (-1, dim))
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return _rotate(q, cq, sq), _rotate(k, cos, sin), v
+        return rotate(q, cq, sq), rotate(k, cos, sin), v

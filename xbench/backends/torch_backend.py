@@ -12,7 +12,7 @@ import torch
 
 from xbench.backends.base import MIXED, relevance
 from xbench.backends.decoder import LabelScorer, PackedDecoder, load_causal_lm
-from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs
+from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs, packed_classifier, packs
 from xbench.layout import unpad
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -137,13 +137,13 @@ class TorchBackend:
         else:
             model = load_torch_model(model_dir, trust_remote_code)
             self.input_names = accepted_inputs(model)
-            self.packed = PackedEncoder.supports(model) if packed is None else packed
+            self.packed = packs(model, self.device) if packed is None else packed
             if self.packed:
-                model = PackedEncoder(model)  # raises, naming the architectures it runs, when it cannot
+                model = packed_classifier(model)  # raises, naming the architectures it runs, when it cannot
         self.varlen_attention = self.packed
         self.flat_input = self.packed  # a packed model takes flat batches as they leave the batcher
         # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens.
-        self.flash_varlen = self.packed and not self.decoder and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
+        self.flash_varlen = isinstance(model, PackedEncoder) and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
         self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
         self._copied: torch.cuda.Event | None = None  # ... and when its last copy to the GPU is done
         if precision == "int8":

@@ -66,6 +66,7 @@ def test_a_first_answer_that_is_not_a_busy_server_stops_at_once(tmp_path, status
     assert took < 15 and len(posts) <= 8 and not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_shed_clients_wait_out_retry_after_and_a_run_with_no_success_fails(tmp_path):
     with answering(429, {"Retry-After": "1"}) as (url, posts):
         result = load(url, "-c", "2", "-d", "1", "--warmup", "0", "-o", str(tmp_path / "honour.json"), cwd=tmp_path)

@@ -42,6 +42,7 @@ def test_dashboard_covers_the_operational_questions():
     assert all(f"histogram_quantile({q}" in exprs for q in ("0.5", "0.95", "0.99"))
 
 
+@pytest.mark.slow
 @needs_prometheus
 def test_prometheus_scrapes_the_server_and_every_dashboard_query_evaluates(tiny_model, tmp_path):
     server = start_server([f"model_pool.instances.0.name={tiny_model}"])
@@ -67,7 +68,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_evaluates(tiny_
                 pass
             time.sleep(1)
         assert found, "Prometheus never saw xbench_pairs_total"
-        time.sleep(3)  # a few more scrapes, so rate() over [1m] has two points
+        time.sleep(2)  # two more scrapes (1 s apart), so rate() over [1m] has two points
         for series in ("xbench_requests_total", "xbench_request_duration_seconds_bucket", "xbench_model_info",
                        "xbench_batch_size_pairs_bucket", "xbench_stage_duration_seconds_bucket"):
             r = httpx.get(api, params={"query": series}, timeout=5).json()

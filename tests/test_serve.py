@@ -223,6 +223,7 @@ def test_load_command_measures_the_server(server, tmp_path):
     assert set(doc["stages_ms"]) == {"queue", "tokenize", "infer", "rest"}  # the timing headers, and the rest
 
 
+@pytest.mark.slow
 def test_slo_search_finds_a_rate_that_meets_the_bound(server, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xbench", "load", server.url, "--api", "cohere", "--api-key", KEY,
                            "-b", "4", "-c", "2", "-d", "1", "--warmup", "0.2", "--slo", "p99_ms=5000", "-o", str(tmp_path),

@@ -80,6 +80,7 @@ def test_unknown_experiment_and_bad_key_exit_2(tmp_path):
     assert bad.returncode == 2 and "nope" in bad.stderr
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_the_points(tmp_path, tiny_overrides):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[dev]' (.ci/run installs it)")
     proc = xbench("sweep", "09_concurrency", *tiny_overrides, *FAST, "experiment.batch_sizes=[4,8]",

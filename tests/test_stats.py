@@ -73,3 +73,10 @@ def test_summary_reports_its_intervals():
     assert ci["level"] == 0.95 and ci["pairs_per_s"][0] <= out["summary"]["pairs_per_s"] <= ci["pairs_per_s"][1] * 1.01
     assert ci["latency_ms"]["p50"][0] <= out["latency_ms"]["p50"] <= ci["latency_ms"]["p50"][1]
     assert "order statistics" in ci["latency_method"]
+
+
+def test_even_edges_end_exactly_where_the_interval_does():
+    # 0.007623 + (0.013941 - 0.007623) is 0.013941000000000002 in floating point
+    edges = even_edges(0.007623, 0.013941, 5)
+    assert edges[0] == 0.007623 and edges[-1] == 0.013941 and len(edges) == 6
+    assert all(a < b for a, b in zip(edges, edges[1:]))

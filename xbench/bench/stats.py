@@ -82,8 +82,9 @@ def latency_summary(values_s: Sequence[float]) -> dict[str, float | None]:
 
 
 def even_edges(t0: float, t1: float, windows: int) -> list[float]:
-    """Boundaries of `windows` equal slices of [t0, t1]."""
-    return [t0 + (t1 - t0) * k / windows for k in range(windows + 1)]
+    """Boundaries of `windows` equal slices of [t0, t1], the last exactly t1 (t0 + (t1 - t0) may
+    round past or short of it, dropping the request that ends the interval)."""
+    return [t0 + (t1 - t0) * k / windows for k in range(windows)] + [t1]
 
 
 def window_rates(ends: Iterable[float], counts: Iterable[int], edges: Sequence[float]) -> list[float]:

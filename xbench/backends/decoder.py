@@ -184,15 +184,18 @@ class PrefixTree:
                 path.append(np.arange(cu_q[p], cu_q[p + 1]))
                 p = parent[p]
             keys.append(np.concatenate(path[::-1]))
-        key_lengths = np.array([len(k) for k in keys])
         leaf_keys = [keys[n] for n in leaf]
-        return cls(ids, positions, cu_q.astype(np.int32), np.concatenate(keys),
-                   np.concatenate([[0], np.cumsum(key_lengths)]).astype(np.int32), cu_q[leaf + 1] - 1,
-                   np.concatenate(leaf_keys), np.concatenate([[0], np.cumsum([len(k) for k in leaf_keys])]).astype(np.int32))
+        return cls(ids, positions, cu_q.astype(np.int32), np.concatenate(keys), _offsets(keys), cu_q[leaf + 1] - 1,
+                   np.concatenate(leaf_keys), _offsets(leaf_keys))
 
     @property
     def nodes(self) -> int:
         return len(self.cu_q) - 1
+
+
+def _offsets(runs: list[np.ndarray]) -> np.ndarray:
+    """int32 [runs + 1]: where each run begins when they are laid back to back, and the end."""
+    return np.concatenate([[0], np.cumsum([len(r) for r in runs])]).astype(np.int32)
 
 
 def _sorted_common_prefixes(flat_ids: np.ndarray, lengths: np.ndarray, offsets: np.ndarray

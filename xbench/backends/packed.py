@@ -204,10 +204,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     rows cu[i]:cu[i + 1]. Keys may have fewer heads than queries (grouped-query attention).
     `causal`: query j of n sees keys up to its own place counted from the end (bottom-right: a
     sequence's last queries over keys that begin with an earlier prefix's). On CUDA (fp16/bf16,
-    Ampere or newer) flash attention's variable-length kernel, called without the Python wrapper around it (a host
-    cost on every layer); elsewhere a loop of SDPA calls, the reference the tests hold the CUDA
-    path's host-side packing to. `window` (queries and keys of one sequence, not causal): each
-    query sees the keys at most `window` places away (ModernBERT's local layers); always the loop."""
+    Ampere or newer) flash attention's variable-length kernel, called without the Python wrapper
+    around it (a host cost on every layer); elsewhere a loop of SDPA calls, the reference the
+    tests hold the CUDA path's host-side packing to. `window` (queries and keys of one sequence,
+    not causal): each query sees the keys at most `window` places away (ModernBERT's local
+    layers); always the loop."""
     if q.is_cuda and window is None and flash_varlen_available(q.device, q.dtype):
         return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
                                                       scale=scale)[0]

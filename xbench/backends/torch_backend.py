@@ -142,8 +142,10 @@ class TorchBackend:
                 model = packed_classifier(model)  # raises, naming the architectures it runs, when it cannot
         self.varlen_attention = self.packed
         self.flat_input = self.packed  # a packed model takes flat batches as they leave the batcher
-        # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens.
-        self.flash_varlen = isinstance(model, PackedEncoder) and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32))
+        # CUDA at fp16/bf16: flash attention's variable-length kernel, straight on the packed tokens
+        # (PackedEncoder's layout; the decoder and ModernBERT choose per call in varlen_attention).
+        self.flash_varlen = (isinstance(model, PackedEncoder)
+                             and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32)))
         self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
         self._copied: torch.cuda.Event | None = None  # ... and when its last copy to the GPU is done
         if precision == "int8":

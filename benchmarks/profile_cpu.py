@@ -27,7 +27,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table

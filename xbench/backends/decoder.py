@@ -177,13 +177,10 @@ class PrefixTree:
         cu_q = np.concatenate([[0], np.cumsum(span)])
         ids = flat_ids[run_positions(offsets[pair] + start, span)].astype(np.int64)
         positions = run_positions(start, span)
-        keys = []
-        for n in range(len(nodes)):  # ancestors (root first), then the node itself
-            path, p = [], n
-            while p >= 0:
-                path.append(np.arange(cu_q[p], cu_q[p + 1]))
-                p = parent[p]
-            keys.append(np.concatenate(path[::-1]))
+        keys: list[np.ndarray] = []  # a parent's keys, then the node's own tokens (parents come first)
+        for n in range(len(nodes)):
+            own = np.arange(cu_q[n], cu_q[n + 1])
+            keys.append(own if parent[n] < 0 else np.concatenate([keys[parent[n]], own]))
         leaf_keys = [keys[n] for n in leaf]
         return cls(ids, positions, cu_q.astype(np.int32), np.concatenate(keys), _offsets(keys), cu_q[leaf + 1] - 1,
                    np.concatenate(leaf_keys), _offsets(leaf_keys))

@@ -139,7 +139,6 @@ class OpenVinoBackend:
         config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": threads,
                   "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
 
-
         def compile_ir() -> Any:
             return core.compile_model(core.read_model(str(self.path)), "CPU", config)
 

@@ -12,7 +12,8 @@ import torch
 
 from xbench.backends.base import MIXED, relevance
 from xbench.backends.decoder import LabelScorer, PackedDecoder, load_causal_lm
-from xbench.backends.packed import PackedEncoder, Packing, flash_varlen_available, pack_inputs, packed_classifier, packs
+from xbench.backends.packed import (PackedEncoder, PackedModernBert, Packing, flash_varlen_available, pack_inputs,
+                                    packed_classifier, packs)
 from xbench.layout import unpad
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -146,6 +147,9 @@ class TorchBackend:
         # (PackedEncoder's layout; the decoder and ModernBERT choose per call in varlen_attention).
         self.flash_varlen = (isinstance(model, PackedEncoder)
                              and flash_varlen_available(self.device, DTYPES.get(precision, torch.float32)))
+        # Attention straight on the packed tokens by each pair's offsets, no padded layout to work
+        # out per batch: flash attention's kernel, or ModernBERT's one call per pair.
+        self.attention_by_offsets = self.flash_varlen or isinstance(model, PackedModernBert)
         self._staging: torch.Tensor | None = None  # pinned host buffer the packed inputs reach the GPU through
         self._copied: torch.cuda.Event | None = None  # ... and when its last copy to the GPU is done
         if precision == "int8":
@@ -197,7 +201,7 @@ class TorchBackend:
             shape, inputs = pack_inputs(flat_ids, flat_types, lengths, self.model.position_offset)
             buffer = self._to_device(inputs)
             _, _, _, offsets, first = shape.views(buffer)
-            if self.flash_varlen:
+            if self.attention_by_offsets:
                 packing = Packing.of_offsets(offsets, first, shape.longest)
             else:  # the CPU groups pairs of similar length for attention; CUDA makes one padded call
                 packing = Packing.of_lengths(lengths, offsets, first, grouped=self.device.type == "cpu")

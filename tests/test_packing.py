@@ -213,10 +213,11 @@ def test_packed_varlen_plans_are_the_fewest_batches_within_both_caps():
         assert got == pytest.approx(brute_force_cost(lengths, cost, 4, 700))
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_plan_finds_the_least_cost_cut(packed):
+@pytest.mark.parametrize("packed,multiple", [(False, 1), (True, 1), (False, 16)])
+def test_plan_finds_the_least_cost_cut(packed, multiple):
     rng = np.random.default_rng(1)
-    cost = CostModel(overhead_s=3e-3, per_token_s=2e-5, per_attention_s=2e-8, packed=packed, varlen_attention=packed)
+    cost = CostModel(overhead_s=3e-3, per_token_s=2e-5, per_attention_s=2e-8, packed=packed, varlen_attention=packed,
+                     length_multiple=multiple)
     for _ in range(20):
         lengths = rng.integers(5, 400, size=int(rng.integers(1, 11))).tolist()
         cuts = plan(lengths, cost, max_rows=4, max_padded_tokens=10**9)
@@ -243,6 +244,45 @@ def test_fit_recovers_the_cost_terms():
     assert got.source == "calibrated"
     for field in ("overhead_s", "per_token_s", "per_attention_s"):
         assert getattr(got, field) == pytest.approx(getattr(truth, field), rel=1e-3)
+
+
+def sawtooth(rows, length):
+    """Seconds of a padded engine whose kernels run a multiple of 16 tokens fastest: each token
+    short of the next multiple costs as much as three."""
+    short = -length % 16
+    return 1e-3 + 1e-5 * rows * (length + 3 * short)
+
+
+@pytest.mark.parametrize("engine,aligned", [(sawtooth, True), (lambda rows, length: 1e-3 + 1e-5 * rows * length, False)])
+def test_calibration_pads_to_a_multiple_of_16_only_where_it_is_measured_to_pay(monkeypatch, engine, aligned):
+    monkeypatch.setattr(cost_model, "_timed", lambda forward, rows, length: engine(rows, length))
+    got, _ = cost_model.calibrate(lambda rows, length: None, probe_alignment=True)
+    assert got.length_multiple == (16 if aligned else 1)
+    assert got.width(95) == (96 if aligned else 95)
+    assert cost_model.calibrate(lambda rows, length: None)[0].length_multiple == 1  # a packed backend: no probe
+    # planned at the padded width: a pair of 97 tokens costs a batch of 112
+    assert got.batch_cost([97, 20]) == pytest.approx(got.batch_cost([got.width(97)] * 2))
+
+
+def test_a_batch_padded_to_the_multiple_scores_as_at_its_longest(tiny_model):
+    tok = TokenizerPool(load_tokenizer(tiny_model, 512))
+    enc = tok.encode(synthetic(24, seed=6, lengths="longtail").pairs(24))
+    tok.close()
+    b = Batcher(BatchingConfig(max_batch_size=8))
+    b.cost = CostModel(overhead_s=1e-3, per_token_s=1e-5, per_attention_s=1e-8, length_multiple=16)
+    from xbench.core.request import RerankJob
+
+    job = RerankJob([])
+    job.queued(enc)
+    b.put(job)
+    backend = TorchBackend(str(tiny_model), "cpu", "fp32", threads=2, packed=False)
+    for _ in range(3):
+        batch = b.next_batch()
+        ids, mask, types = batch.padded
+        assert ids.shape[1] % 16 == 0 and ids.shape[1] - 16 < batch.longest <= ids.shape[1]
+        assert batch.padded_tokens == ids.size and (mask.sum(1) == batch.lengths).all()
+        exact = backend.forward(*collate([enc.ids[i] for i in batch.index], [enc.type_ids[i] for i in batch.index]))
+        np.testing.assert_allclose(batch.forward(backend), exact, atol=1e-5)
 
 
 def test_calibration_is_cached_per_key(tmp_path):

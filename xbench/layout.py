@@ -28,10 +28,11 @@ def positions_in_pair(lengths: np.ndarray) -> np.ndarray:
     return run_positions(np.zeros_like(lengths), lengths)
 
 
-def pad(flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat pairs right-padded to the longest: (input_ids, attention_mask, token_type_ids), int64,
-    filled through the mask in one step."""
-    real = np.arange(int(lengths.max())) < lengths[:, None]  # row-major: each row's tokens in order
+def pad(flat_ids: np.ndarray, flat_types: np.ndarray, lengths: np.ndarray, width: int | None = None
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat pairs right-padded to the longest, or to `width` where given: (input_ids,
+    attention_mask, token_type_ids), int64, filled through the mask in one step."""
+    real = np.arange(max(int(lengths.max()), width or 0)) < lengths[:, None]  # row-major: each row's tokens in order
     input_ids = np.zeros(real.shape, dtype=np.int64)
     types = np.zeros(real.shape, dtype=np.int64)
     input_ids[real] = flat_ids

@@ -19,7 +19,8 @@ def model_batches(enc: Encoded, max_batch_size: int, max_batch_tokens: int = 10*
     batches = []
     for rows in plan_batches(enc.lengths, max_batch_size, max_batch_tokens, bucketing, cost):
         part = enc.take(rows)
-        batches.append((rows, ModelBatch(part.flat_ids, part.flat_types, part.lengths)))
+        batches.append((rows, ModelBatch(part.flat_ids, part.flat_types, part.lengths,
+                                         length_multiple=cost.length_multiple if cost else 1)))
     return batches
 
 

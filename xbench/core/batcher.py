@@ -56,6 +56,7 @@ class ModelBatch:
     jobs: list[RerankJob] = field(default_factory=list)
     bounds: list[int] = field(default_factory=lambda: [0])
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    length_multiple: int = 1  # padded, the width is the longest pair rounded up to this (CostModel.width)
 
     @property
     def rows(self) -> int:
@@ -66,8 +67,13 @@ class ModelBatch:
         return int(self.lengths.max())
 
     @property
+    def width(self) -> int:
+        """The padded layout's width."""
+        return -(-self.longest // self.length_multiple) * self.length_multiple
+
+    @property
     def padded_tokens(self) -> int:
-        return self.rows * self.longest
+        return self.rows * self.width
 
     @cached_property
     def real_tokens(self) -> int:
@@ -76,7 +82,7 @@ class ModelBatch:
     @cached_property
     def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids, attention_mask, token_type_ids), right-padded: for backends that pad."""
-        return pad(self.flat_ids, self.flat_types, self.lengths)
+        return pad(self.flat_ids, self.flat_types, self.lengths, self.width)
 
     def forward(self, backend: Backend) -> np.ndarray:
         """The backend's logits for this batch, in the layout it declared: flat, or padded (once:
@@ -287,7 +293,8 @@ class Batcher:
         flat_ids, flat_types = _TokenStore.gather(pairs, arrays)
         with self._cond:
             self._tokens.release(pairs.block)
-        return ModelBatch(flat_ids, flat_types, pairs.length, jobs, bounds, pairs.index)
+        return ModelBatch(flat_ids, flat_types, pairs.length, jobs, bounds, pairs.index,
+                          self.cost.length_multiple if self.cost else 1)
 
     def _take(self) -> tuple[_Pairs, list[RerankJob], list[int], dict] | None:
         """The next batch's pairs, their rows grouped by job, with their jobs and token blocks."""

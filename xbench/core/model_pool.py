@@ -10,7 +10,7 @@ spawned process of its own (core/backend_process.py), so the host work of launch
 and the rest of the pipeline's Python do not take turns on one GIL. The process runs the
 workers' batches back to back; M is then how many batches are handed over at once.
 
-The pool counts the tokens it computes: real tokens, padded tokens (rows x longest) and the
+The pool counts the tokens it computes: real tokens, padded tokens (rows x padded width) and the
 tokens the dense layers actually ran on (the real ones for a packed backend), so every result
 can state its padding efficiency.
 """
@@ -42,7 +42,7 @@ class TokenCounts:
     batches: int = 0
     rows: int = 0
     real_tokens: int = 0
-    padded_tokens: int = 0  # rows x longest row: what attention runs on
+    padded_tokens: int = 0  # rows x padded width: what attention runs on
     computed_tokens: int = 0  # what the dense layers ran on: padded, or real when packed
 
     def add(self, rows: int, real: int, padded: int, computed: int) -> None:

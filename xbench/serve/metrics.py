@@ -29,10 +29,10 @@ class Metrics:
         self.batch_size = Histogram("xbench_batch_size_pairs", "Rows per model batch.", buckets=BATCH_ROWS_BUCKETS, registry=r)
         self.batch_tokens = Histogram("xbench_batch_tokens", "Padded tokens per model batch.", buckets=BATCH_TOKENS_BUCKETS,
                                       registry=r)
-        self.batch_longest = Histogram("xbench_batch_longest_tokens", "Longest pair per model batch (its padded width).",
+        self.batch_longest = Histogram("xbench_batch_longest_tokens", "Longest pair per model batch.",
                                        buckets=SEQUENCE_BUCKETS, registry=r)
         self.real_tokens = Counter("xbench_batch_real_tokens", "Real (unpadded) tokens through the model.", registry=r)
-        self.padded_tokens = Counter("xbench_batch_padded_tokens", "Padded tokens (rows x longest) through the model.",
+        self.padded_tokens = Counter("xbench_batch_padded_tokens", "Padded tokens (rows x padded width) through the model.",
                                      registry=r)
         self.padding_efficiency = Gauge("xbench_padding_efficiency", "Real tokens / tokens the dense layers computed, "
                                         "since start (1 = no compute spent on padding; packed backends compute real "

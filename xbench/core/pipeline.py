@@ -19,7 +19,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xbench.backends import Backend, check_recipe, create_backend, normalize
-from xbench.backends.base import takes_flat
 from xbench.config import BatchingConfig
 from xbench.core import cost_model
 from xbench.core.backlog import Backlog
@@ -105,9 +104,9 @@ class Pipeline:
                "weights": [stat.st_size, stat.st_mtime_ns] if stat else None, **self._backend_params,
                "threads": self.models.threads, "packed": self.models.packed, "max_length": self.max_length,
                "cuda_graphs": getattr(backend, "graphed", None) is not None}
-        # A padded backend may run a multiple of 16 tokens faster than one token fewer (measured);
-        # never padded past max_length, which the position embeddings allow and no more.
-        probe = not takes_flat(backend) and self.max_length % cost_model.ALIGNMENT == 0
+        # A backend that computes on padding may run a multiple of 16 tokens faster than one token
+        # fewer (measured); never padded past max_length, which the position embeddings allow.
+        probe = not self.models.packed and self.max_length % cost_model.ALIGNMENT == 0
         fitted = cost_model.load_or_calibrate(key, forward, cache_dir() / "costs", probe_alignment=probe)
         self.batcher.cost = dataclasses.replace(fitted, packed=self.models.packed,
                                                 varlen_attention=bool(getattr(backend, "varlen_attention", False)))

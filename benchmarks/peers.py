@@ -315,7 +315,7 @@ def main(
         builders = {k: v for k, v in builders.items() if k in wanted}
         ours = {k: v for k, v in ours.items() if k in wanted}
     paths: dict[str, Scorer] = {}
-    pipelines = []
+    pipelines: dict[str, Pipeline] = {}
     missing = {}
     with console.status("loading every path (conversions, exports and calibrations run once) ..."):
         for name, build in builders.items():
@@ -324,8 +324,7 @@ def main(
             except ImportError as exc:
                 missing[name] = f"not installed ({exc.name}): make peers"
         for name, ov in ours.items():
-            paths[name], pipe = xbench([*ov, f"model_pool.threads_per_worker={threads}"])
-            pipelines.append(pipe)
+            paths[name], pipelines[name] = xbench([*ov, f"model_pool.threads_per_worker={threads}"])
     # Each path's calls: one per request; with --sort, padded peers also score sorted batches across
     # requests, and xbench gets every request at once.
     runs = {name: (path, by_request(requests), False) for name, path in paths.items()}
@@ -356,7 +355,9 @@ def main(
                     rates[name].append(len(got) / (time.perf_counter() - t0))
                     fidelity[name] = float(spearmanr(got, ref).statistic)
                 progress.advance(task)
-    for pipe in pipelines:
+    # each xbench path's planner, with its alignment probe where it computes on padding
+    cost_models = {name: pipe.describe()["batch_cost_model"] for name, pipe in pipelines.items()}
+    for pipe in pipelines.values():
         pipe.close()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -380,7 +381,8 @@ def main(
     for line in verdicts:
         console.print(line)
     write_json(out, {"env": environment(), "pairs": pairs, "batch": batch, "rounds": rounds, "lengths": lengths,
-                     "threads": threads, "rows": rows, "missing": missing, "verdicts": verdicts})
+                     "threads": threads, "rows": rows, "missing": missing, "verdicts": verdicts,
+                     "cost_models": cost_models})
     console.print(f"wrote {out}")
 
 

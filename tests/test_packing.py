@@ -258,6 +258,8 @@ def test_calibration_pads_to_a_multiple_of_16_only_where_it_is_measured_to_pay(m
     monkeypatch.setattr(cost_model, "_timed", lambda forward, rows, length: engine(rows, length))
     got, _ = cost_model.calibrate(lambda rows, length: None, probe_alignment=True)
     assert got.length_multiple == (16 if aligned else 1)
+    exact, padded = got.alignment_probe_s
+    assert (padded < exact) == aligned
     assert got.width(95) == (96 if aligned else 95)
     assert cost_model.calibrate(lambda rows, length: None)[0].length_multiple == 1  # a packed backend: no probe
     # planned at the padded width: a pair of 97 tokens costs a batch of 112

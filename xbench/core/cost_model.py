@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # per-token and attention terms (short wide, long narrow, and square-ish batches).
 CALIBRATION_SHAPES = ((1, 16), (8, 16), (1, 128), (32, 16), (8, 64), (2, 256), (16, 128), (2, 512))
 CALIBRATION_BUDGET_S = 20.0  # stop adding shapes past this (slow precisions on a CPU)
-CACHE_VERSION = 3  # 3: length_multiple, measured for padded backends
+CACHE_VERSION = 3  # 3: length_multiple and its probe, measured for padded backends
 # Lengths just past or short of a multiple of ALIGNMENT (residues 1, 8, 15), timed exact and padded up.
 ALIGNMENT = 16
 ALIGNMENT_PROBES = ((8, 81), (8, 88), (8, 95), (8, 104), (8, 111), (8, 120))
@@ -58,6 +58,8 @@ class CostModel:
     packed: bool = False  # dense layers run on the real tokens only
     varlen_attention: bool = False  # attention costs each pair's own length squared
     length_multiple: int = 1  # a padded batch's width is its longest pair rounded up to this
+    # seconds of ALIGNMENT_PROBES at their exact lengths and padded up, where probed: why the multiple
+    alignment_probe_s: tuple[float, float] | None = None
     source: str = "prior"  # prior | calibrated | cached
 
     def width(self, longest: int) -> int:
@@ -181,14 +183,15 @@ def calibrate(forward: Callable[[int, int], None], repeats: int = 2, budget_s: f
         best = min(_timed(forward, rows, length) for _ in range(repeats))
         samples.append((rows, length, best))
     model = fit(samples)
-    if probe_alignment and alignment_pays(forward, repeats + 1):
-        model = replace(model, length_multiple=ALIGNMENT)
+    if probe_alignment:
+        exact, padded = time_alignment(forward, repeats + 1)
+        model = replace(model, length_multiple=ALIGNMENT if padded < exact else 1, alignment_probe_s=(exact, padded))
     return model, samples
 
 
-def alignment_pays(forward: Callable[[int, int], None], repeats: int = 3) -> bool:
-    """Whether ALIGNMENT_PROBES padded up to multiples of ALIGNMENT take less time in all than
-    at their exact lengths (best of `repeats` each, the two ways interleaved)."""
+def time_alignment(forward: Callable[[int, int], None], repeats: int = 3) -> tuple[float, float]:
+    """Seconds of ALIGNMENT_PROBES in all at their exact lengths, and padded up to multiples of
+    ALIGNMENT (best of `repeats` each, the two ways interleaved)."""
     exact = padded = 0.0
     for rows, length in ALIGNMENT_PROBES:
         up = -(-length // ALIGNMENT) * ALIGNMENT
@@ -196,7 +199,7 @@ def alignment_pays(forward: Callable[[int, int], None], repeats: int = 3) -> boo
         exact += min(t for t, _ in times)
         padded += min(t for _, t in times)
     log.info("alignment probe: exact lengths %.1f ms, padded to %d: %.1f ms", exact * 1e3, ALIGNMENT, padded * 1e3)
-    return padded < exact
+    return exact, padded
 
 
 def _timed(forward: Callable[[int, int], None], rows: int, length: int) -> float:

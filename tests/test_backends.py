@@ -255,6 +255,7 @@ def test_other_encoder_architectures_run_on_every_cpu_backend(kind, tmp_path, mo
             scores(model_dir, "ctranslate2", "fp32", batches, 64)
     else:
         check(scores(model_dir, "ctranslate2", "fp32", batches, 64), ref, ("abs", 1e-4), f"{kind} ctranslate2 fp32")
+    check(scores(model_dir, "openvino", "fp32", batches, 64), ref, ("abs", 1e-4), f"{kind} openvino fp32")
     check(scores(model_dir, "pytorch", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} pytorch int8")
     check(scores(model_dir, "onnx", "int8", batches, 64), ref, ("rho", 0.0), f"{kind} onnx int8")
 

@@ -190,6 +190,27 @@ def test_overlong_pairs_with_truncation_off_fail_before_the_model(tiny_overrides
         assert pipe.submit([("q", "word " * 50)]).result(timeout=10).truncated == 1  # truncation on: cut, scored
 
 
+def test_a_backend_that_returns_nan_fails_its_batch_loudly_and_the_next_one_is_scored(tiny_overrides, monkeypatch):
+    from xbench.backends.torch_backend import TorchBackend
+    from xbench.errors import NonFiniteScores
+
+    real = TorchBackend.forward_packed
+    poisoned = {"nan": True}
+
+    def forward_packed(self, *args):
+        logits = real(self, *args)
+        if poisoned["nan"]:
+            logits[1] = np.nan
+        return logits
+
+    with Pipeline.from_config(compose_config(tiny_overrides)) as pipe:
+        monkeypatch.setattr(TorchBackend, "forward_packed", forward_packed)
+        with pytest.raises(NonFiniteScores, match="1 non-finite score.* batch of 3 pairs"):
+            pipe.submit([("q", "a"), ("q", "b c"), ("q", "d e f")]).result(timeout=10)
+        poisoned["nan"] = False
+        assert np.isfinite(pipe.submit([("q", "a"), ("q", "b c")]).result(timeout=10).logits).all()
+
+
 def test_default_model_is_the_bundled_encoder_with_a_reproducible_head(tmp_path, monkeypatch):
     monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "a"))
     a = materialize_default()

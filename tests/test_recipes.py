@@ -335,6 +335,18 @@ def test_modernbert_scores_as_transformers_does_packed_and_padded(tmp_path, pool
         assert np.abs(got - want).max() <= 1e-4, packed
 
 
+def test_modernbert_on_openvino_scores_as_transformers_with_padding_past_its_window(tmp_path, monkeypatch):
+    """Padding far from the real tokens is masked from every key in a local layer; the converted
+    graph must not turn that row into NaN and carry it into the real tokens."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "cache"))
+    model_dir = write_tiny_modernbert(tmp_path / "mb")
+    pairs = long_tailed_pairs(24)
+    want = pipeline_scores(model_dir, pairs, "model_pool.instances.0.max_length=128", "model_pool.instances.0.packed=false")
+    got = pipeline_scores(model_dir, pairs, "model_pool.instances.0.max_length=128", "model_pool.instances.0.backend=openvino")
+    assert np.abs(got - want).max() <= 1e-4
+
+
 def test_int8_keeps_each_familys_last_layer_and_heads_in_fp32(modernbert, decoders):
     from transformers import AutoModelForSequenceClassification
 

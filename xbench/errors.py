@@ -104,3 +104,11 @@ class RequestCancelled(ServiceError):
 
     def __init__(self) -> None:
         super().__init__(ErrorKind.CANCELLED, "the request was cancelled")
+
+
+class NonFiniteScores(ServiceError):
+    """A backend returned NaN or infinite logits: never passed on as scores."""
+
+    def __init__(self, count: int, rows: int, engine: str):
+        super().__init__(ErrorKind.INTERNAL, f"backend {engine} returned {count} non-finite score(s) in a batch of "
+                         f"{rows} pairs; no score of the batch is returned (a model or backend defect, not the input)")

@@ -23,9 +23,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from xbench.backends import Backend
 from xbench.core.batcher import ModelBatch
 from xbench.env import usable_cores
+from xbench.errors import NonFiniteScores
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,9 @@ class ModelPool:
         start = time.perf_counter()
         try:
             logits = batch.forward(backend)
+            if not np.isfinite(logits).all():  # a NaN must fail loudly, never rank documents
+                raise NonFiniteScores(int((~np.isfinite(logits)).sum()), batch.rows,
+                                      str(self._backend_info.get("engine", type(backend).__name__)))
         except Exception as exc:  # a bad batch fails its jobs, never the worker
             log.exception("forward failed on a batch of %d rows", batch.rows)
             for job, _ in batch.by_job():

@@ -122,6 +122,7 @@ def model_processes(server_pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the model process through /proc")
 def test_the_server_replaces_a_killed_model_process_and_keeps_scoring(tiny_model):
     body = {"query": "what is a cat", "documents": ["a cat is an animal", "the sky is blue", "cats purr"]}

@@ -63,6 +63,7 @@ def test_a_grid_writes_one_file_per_point(tmp_path, tiny_overrides):
     assert [json.loads(f.read_text())["params"]["batch"] for f in files] == [4, 8]
 
 
+@pytest.mark.slow
 def test_requests_mode_and_open_loop(tmp_path, tiny_overrides):
     out = tmp_path / "n.json"
     assert xbench("pipeline-bench", "-b", "4", "-c", "2", "-n", "10", "--warmup", "0", "-o", str(out),

@@ -199,6 +199,7 @@ def test_a_bad_trace_line_is_named(tmp_path, line, fragment):
     assert not posts and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_ramp_measures_one_point_per_rate_step_and_draws_them(tmp_path, tiny_model):
     import json
 

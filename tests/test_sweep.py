@@ -51,6 +51,7 @@ def test_sweep_writes_a_json_per_point_and_a_report(two_point_sweep):
     assert "Pairs/s" in proc.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_resumes_and_force_remeasures(two_point_sweep):
     cwd, args, _ = two_point_sweep
     folder = run_dir(cwd, "09_concurrency")
@@ -153,6 +154,7 @@ def test_compare_computes_ratios_and_flags_past_the_threshold(two_point_sweep, t
     assert proc.returncode == 0 and "inconclusive" in proc.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_points_and_writes_the_report(tmp_path, tiny_overrides):
     import signal
     import time

@@ -15,6 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`: a padded batch's width (CostModel.length_multiple)."""
+    return -(-n // multiple) * multiple
+
+
 def run_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Positions starts[0] .. starts[0] + lengths[0] - 1, then the second run's, and so on: the
     flat positions of runs, one numpy step for all of them."""

@@ -38,7 +38,7 @@ from xbench.core import cost_model
 from xbench.core.cost_model import CostModel
 from xbench.core.request import RerankJob
 from xbench.core.tokenizer_pool import Encoded
-from xbench.layout import pad, run_positions
+from xbench.layout import pad, round_up, run_positions
 
 PLAN_WINDOW_BATCHES = 8  # pairs planned at once: the oldest max_batch_size x this many
 TOKEN_BLOCK = 1 << 20  # tokens a block of the batcher's token store holds (8 MiB of ids and types)
@@ -69,7 +69,7 @@ class ModelBatch:
     @property
     def width(self) -> int:
         """The padded layout's width."""
-        return -(-self.longest // self.length_multiple) * self.length_multiple
+        return round_up(self.longest, self.length_multiple)
 
     @property
     def padded_tokens(self) -> int:

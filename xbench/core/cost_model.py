@@ -18,7 +18,7 @@ programming over the cut points), under the row and padded-token caps: no user h
 right `max_batch_tokens` for their length mix.
 
 Some padded engines run a length one short of a multiple of 16 far slower than the multiple
-itself (OpenVINO's bf16 and int8 kernels on AMX: 8 rows of 95 tokens cost 1.4x 8 rows of 96).
+itself (OpenVINO's bf16 and int8 kernels on AMX: 8 rows of 95 tokens took about 1.4x 8 rows of 96).
 Calibration times a few such lengths both ways; where padding up costs less, the cost model
 says so (`length_multiple`), batches are padded to the multiple and planned at that width.
 """
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from xbench.layout import round_up
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class CostModel:
 
     def width(self, longest: int) -> int:
         """The padded width of a batch whose longest pair has `longest` tokens."""
-        return -(-longest // self.length_multiple) * self.length_multiple
+        return round_up(longest, self.length_multiple)
 
     def batch_cost(self, lengths: Sequence[int]) -> float:
         rows, longest = len(lengths), self.width(max(lengths))
@@ -183,7 +185,7 @@ def calibrate(forward: Callable[[int, int], None], repeats: int = 2, budget_s: f
         best = min(_timed(forward, rows, length) for _ in range(repeats))
         samples.append((rows, length, best))
     model = fit(samples)
-    if probe_alignment:
+    if probe_alignment and time.perf_counter() - began < budget_s:  # else a slow model keeps exact widths
         exact, padded = time_alignment(forward, repeats + 1)
         model = replace(model, length_multiple=ALIGNMENT if padded < exact else 1, alignment_probe_s=(exact, padded))
     return model, samples
@@ -194,7 +196,7 @@ def time_alignment(forward: Callable[[int, int], None], repeats: int = 3) -> tup
     ALIGNMENT (best of `repeats` each, the two ways interleaved)."""
     exact = padded = 0.0
     for rows, length in ALIGNMENT_PROBES:
-        up = -(-length // ALIGNMENT) * ALIGNMENT
+        up = round_up(length, ALIGNMENT)
         times = [(_timed(forward, rows, length), _timed(forward, rows, up)) for _ in range(repeats)]
         exact += min(t for t, _ in times)
         padded += min(t for _, t in times)

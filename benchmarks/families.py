@@ -19,6 +19,9 @@ alternating, each path scoring the same pairs from strings (tokenizing included)
               fp32 (packed, the shared prefix run once), fp32 with the shared prefix off and fp32
               padded (`packed=false`): each one's gain on its own; and at --precision
 
+On ModernBERT, where OpenVINO is installed, xbench's openvino backend runs beside PyTorch (fp32 and
+--precision).
+
 Every row reports pairs/s, its ratio to the reference in the same round, and Spearman's rho of its
 scores against the reference's.
 
@@ -39,9 +42,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from xbench.backends import REGISTRY
 from xbench.config import compose_config
 from xbench.core.model_pool import default_workers, threads_per_worker
 from xbench.core.pipeline import Pipeline
+from xbench.errors import missing_modules
 from xbench.checkpoints import resolve_instance
 from xbench.recipes import QWEN3
 from xbench.results.store import environment, write_json
@@ -178,6 +183,11 @@ def main(
         paths = {"xbench fp32": base, "xbench fp32, padded": [*base, "model_pool.instances.0.packed=false"]}
     if precision:
         paths[f"xbench {precision}"] = [*base, f"model_pool.instances.0.quantization={precision}"]
+    if family != "qwen3" and device == "cpu" and not missing_modules(REGISTRY["openvino"].requires):
+        # OpenVINO converts encoder classifiers (not LLM rerankers): its precisions beside PyTorch's
+        for p in ("fp32", precision) if precision else ("fp32",):
+            paths[f"xbench openvino {p}"] = [*base, "model_pool.instances.0.backend=openvino",
+                                             f"model_pool.instances.0.quantization={p}"]
     pipes = {}
     with console.status("loading the pipelines ..."):
         for name, overrides in paths.items():

@@ -2,6 +2,7 @@
 and caches, and the planner cuts long-tailed pairs into length groups."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -299,6 +300,8 @@ def test_calibration_is_cached_per_key(tmp_path):
     assert first.source == "calibrated" and timed >= len(cost_model.CALIBRATION_SHAPES)
     again = load_or_calibrate(key, forward, folder=tmp_path)
     assert again.source == "cached" and len(calls) == timed  # nothing re-timed
+    probed = load_or_calibrate({**key, "backend": "onnx"}, forward, folder=tmp_path, probe_alignment=True)
+    assert load_or_calibrate({**key, "backend": "onnx"}, forward, folder=tmp_path) == replace(probed, source="cached")
     assert (again.overhead_s, again.per_token_s) == (first.overhead_s, first.per_token_s)
     load_or_calibrate({**key, "precision": "int8"}, forward, folder=tmp_path)
     assert len(calls) > timed  # another precision is another fit

@@ -221,7 +221,9 @@ def load_or_calibrate(key_parts: dict[str, Any], forward: Callable[[int, int], N
     path = folder / f"{cache_key(key_parts)}.json"
     try:
         doc = json.loads(path.read_text())
-        return replace(CostModel(**doc["model"]), source="cached")
+        model = CostModel(**doc["model"])
+        probe = model.alignment_probe_s
+        return replace(model, alignment_probe_s=tuple(probe) if probe else None, source="cached")
     except (OSError, ValueError, TypeError, KeyError):
         pass
     model, samples = calibrate(forward, probe_alignment=probe_alignment)

@@ -23,9 +23,9 @@ On top, "+ sorted" rows give each padded peer the obvious remedy for long-tailed
 pair of every request scored in batches of `batch` sorted by length (one call per batch), so the
 table separates what sorting alone wins from what packing and cost-model cutting win. OpenVINO's
 sorted rows also pad each batch to a multiple of 16 tokens (the tokenizer's `pad_to_multiple_of`),
-which its bf16 and int8 kernels run faster than one token less, as xbench's calibration finds. xbench's
-counterpart, "+ all at once", submits every request together and lets the pipeline batch across
-them.
+which its bf16 and int8 kernels run faster than one token less, as xbench's calibration finds.
+xbench's counterpart, "+ all at once", submits every request together and lets the pipeline batch
+across them.
 
 The "computed" column is what the hardware computed, read from the engine where it says (an
 OpenVINO model compiled without a hint computes in bf16 on CPUs with AVX512-BF16 or AMX).

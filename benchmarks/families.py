@@ -118,13 +118,16 @@ class SentenceTransformersCrossEncoder:
 def with_chat_template(model_dir: Path, recipe) -> Path:
     """A copy of a model folder (files linked) whose tokenizer carries the recipe's prompt as a
     chat template over the roles sentence-transformers gives a pair: `query` and `document`."""
+    import atexit
     import json
+    import shutil
     import tempfile
 
     role = '{{{{ (messages | selectattr("role", "eq", "{}") | first).content }}}}'
     text = (recipe.head[0] + recipe.query.replace("{instruction}", recipe.instruction).replace("{query}", role.format("query"))
             + recipe.document.replace("{document}", role.format("document")) + recipe.tail[0])
     out = Path(tempfile.mkdtemp(prefix="xbench-st-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # links only: nothing to keep
     for f in model_dir.iterdir():
         if f.name != "tokenizer_config.json":
             (out / f.name).symlink_to(f)

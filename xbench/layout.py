@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def round_up(n: int, multiple: int) -> int:
-    """n rounded up to a multiple of `multiple`: a padded batch's width (CostModel.length_multiple)."""
+def round_up(n, multiple: int):
+    """n (a number or a numpy array of them) rounded up to a multiple of `multiple`: a padded
+    batch's width (CostModel.length_multiple)."""
     return -(-n // multiple) * multiple
 
 

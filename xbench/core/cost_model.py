@@ -107,8 +107,7 @@ def plan(lengths: Sequence[int] | np.ndarray, cost: CostModel, max_rows: int, ma
     # Every batch's cost does not depend on the cuts before it, so all of them are priced at once:
     # row t holds the batches ending at points[t] and starting at points[first[t] + c].
     ends = points[1:]
-    m = cost.length_multiple
-    longest = np.ceil(s[ends - 1] / m) * m  # the padded width
+    longest = round_up(s[ends - 1], cost.length_multiple)  # the padded width
     k_max = np.minimum(max_rows, np.maximum(1, max_padded_tokens // np.maximum(longest, 1))).astype(np.int64)
     t_all = np.arange(1, len(points))
     # a step wider than the caps allow: the nearest cut still runs
